@@ -1,0 +1,79 @@
+"""Sentencepiece tokenizer wrapper, plus export to llama2.c's tokenizer.bin format.
+
+    python tokenizer.py --tokenizer=data/tok4096.model     # writes data/tok4096.bin
+"""
+import argparse
+import os
+import struct
+import sys
+from typing import List
+
+from sentencepiece import SentencePieceProcessor
+
+
+class TokenizerError(Exception):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, model_path: str):
+        if not os.path.isfile(model_path):
+            raise TokenizerError(f"tokenizer {model_path}: no such file (expected a sentencepiece .model)")
+        self.model_path = model_path
+        self.sp = SentencePieceProcessor()
+        try:
+            self.sp.Load(model_path)
+        except Exception as exc:  # sentencepiece raises bare OSError/RuntimeError
+            raise TokenizerError(f"tokenizer {model_path}: not a sentencepiece model ({exc})") from None
+        self.vocab_size: int = self.sp.vocab_size()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def llama2c_pieces(self):
+        """(bytes, score) per id, as llama2.c's run.c expects them."""
+        for i in range(self.vocab_size):
+            if i == self.bos_id:
+                piece = "\n<s>\n"
+            elif i == self.eos_id:
+                piece = "\n</s>\n"
+            else:
+                piece = self.sp.id_to_piece(i).replace("\u2581", " ")
+            yield piece.encode("utf-8"), self.sp.get_score(i)
+
+    def export(self, path: str):
+        """Write llama2.c's tokenizer.bin: max token length, then (score, length, bytes) per id."""
+        pieces = list(self.llama2c_pieces())
+        body = bytearray(struct.pack("<I", max(len(b) for b, _ in pieces)))
+        for data, score in pieces:
+            body += struct.pack("<fI", score, len(data)) + data
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(body)
+        os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Export a sentencepiece model to llama2.c's tokenizer.bin")
+    parser.add_argument("--tokenizer", required=True, help="path to a sentencepiece .model")
+    parser.add_argument("--out", help="output path (default: the model path with .bin)")
+    args = parser.parse_args(argv)
+    try:
+        tok = Tokenizer(args.tokenizer)
+    except TokenizerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.splitext(args.tokenizer)[0] + ".bin"
+    tok.export(out)
+    print(f"wrote {out} ({tok.vocab_size} tokens)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
