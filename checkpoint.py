@@ -1,0 +1,365 @@
+"""The one place that reads and writes model checkpoints.
+
+`load_checkpoint(path)` understands, whatever the file is called:
+- this project's checkpoints and llama2.c's `.pt` checkpoints (the same dict layout: `model`,
+  `model_args`, `config`, `iter_num`, ...; a `_orig_mod.` prefix from torch.compile is dropped);
+- this project's LoRA adapter files (`kind: "lora_adapter"`), merged into their base on the way;
+- the original instruct storyteller's checkpoints (pickled `ModelArgs`, unmerged LoRA
+  parametrizations), with the LoRA rank read from the tensor shapes;
+- llama2.c's binary model files, versions 0, 1 and 2 (Q8_0, dequantized).
+Nothing is unpickled beyond tensors and plain containers (`weights_only=True`), so a hostile
+file can fail to load but never run code.
+"""
+import hashlib
+import os
+import pickle
+import re
+import struct
+import zipfile
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from model import ModelArgs, Transformer
+
+LLAMA2C_MAGIC = 0x616B3432  # "ak42"
+LLAMA2_VOCAB_SIZE = 32000
+
+
+class CheckpointError(Exception):
+    """A file that cannot be read as a checkpoint; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    kind: str  # project | llama2c | lora_adapter | instruct_storyteller | llama2c_bin_v0/v1/v2
+    model_args: ModelArgs
+    state_dict: Dict[str, torch.Tensor]
+    config: dict = field(default_factory=dict)  # training settings (dataset, vocab_size, tokenizer...)
+    extra: dict = field(default_factory=dict)  # everything else in the file (optimizer, iter_num...)
+
+    @property
+    def is_instruct(self) -> bool:
+        """Trained on instruction examples (prompt, then BOS, then story)?"""
+        return self.kind == "instruct_storyteller" or self.config.get("dataset") == "instruct"
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def load_checkpoint(path: str) -> Checkpoint:
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder, expected a checkpoint file (.pt or llama2.c .bin)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) >= 4 and struct.unpack("<I", head[:4])[0] == LLAMA2C_MAGIC:
+        return _read_llama2c_bin_versioned(path)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return _read_torch(path)
+    return _read_llama2c_bin_v0(path)
+
+
+def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = None):
+    """(Transformer in eval mode, Checkpoint) for any checkpoint kind load_checkpoint reads."""
+    ckpt = load_checkpoint(path)
+    model = Transformer(ckpt.model_args)
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{path}: weights do not fit the model it describes ({first[1].strip() if len(first) > 1 else first[0]})") from None
+    model.to(device=device, dtype=dtype).eval()
+    return model, ckpt
+
+
+class _PickledModelArgs:
+    """Stand-in for the original project's `model.ModelArgs`: takes its fields, runs nothing."""
+
+
+def _torch_load(path):
+    try:
+        with torch.serialization.safe_globals([(_PickledModelArgs, "model.ModelArgs")]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).split("\n")[0]
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            reason = f"it asks to unpickle {found.group(1) if found else 'an object'}, which is not allowed"
+        raise CheckpointError(f"{path}: refused to load ({reason}); only tensors and plain data are read") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _model_args_from(raw, path) -> ModelArgs:
+    values = vars(raw) if isinstance(raw, _PickledModelArgs) else raw
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: model_args is {type(values).__name__}, expected a dict")
+    known = {f.name for f in fields(ModelArgs)}
+    try:
+        return ModelArgs(**{k: v for k, v in values.items() if k in known})
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad model_args ({exc})") from None
+
+
+def _read_torch(path) -> Checkpoint:
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a checkpoint dict")
+    if obj.get("kind") == "lora_adapter":
+        return _read_lora_adapter(path, obj)
+    if "model" not in obj or "model_args" not in obj:
+        raise CheckpointError(f"{path}: checkpoint dict lacks 'model' or 'model_args' "
+                              f"(keys: {', '.join(map(str, list(obj)[:8]))})")
+    state = {k.removeprefix("_orig_mod."): v for k, v in obj["model"].items()}
+    args = _model_args_from(obj["model_args"], path)
+    extra = {k: v for k, v in obj.items() if k not in ("model", "model_args", "config")}
+    config = obj.get("config") or {}
+    if any(".parametrizations.weight." in k for k in state):
+        state = _merge_parametrized_lora(state, float(obj.get("lora_alpha", 1.0)))
+        kind = "instruct_storyteller"
+    else:
+        kind = "project" if obj.get("kind") == "project" else "llama2c"
+    return Checkpoint(path, kind, args, state, config, extra)
+
+
+def _merge_parametrized_lora(state, alpha):
+    """Fold `X.parametrizations.weight.{original,0.lora_a,0.lora_b}` into `X.weight`. The rank
+    comes from lora_a's shape: the original project stored settings it did not use."""
+    merged = {}
+    for key, value in state.items():
+        if key.endswith(".parametrizations.weight.original"):
+            prefix = key.removesuffix(".parametrizations.weight.original")
+            lora_a = state[f"{prefix}.parametrizations.weight.0.lora_a"]
+            lora_b = state[f"{prefix}.parametrizations.weight.0.lora_b"]
+            merged[f"{prefix}.weight"] = merge_lora_pair(value, lora_a, lora_b, alpha)
+        elif ".parametrizations.weight.0." not in key:
+            merged[key] = value
+    return merged
+
+
+def merge_lora_pair(weight, lora_a, lora_b, alpha):
+    """W + (B @ A) * alpha / rank, computed in float32."""
+    rank = lora_a.shape[0]
+    delta = (lora_b.float() @ lora_a.float()) * (alpha / rank)
+    return (weight.float() + delta).to(weight.dtype)
+
+
+def _read_lora_adapter(path, obj) -> Checkpoint:
+    base_path = obj.get("base_checkpoint")
+    if not base_path or not os.path.isfile(base_path):
+        # a relative base path is also tried relative to the adapter's folder
+        candidate = os.path.join(os.path.dirname(path), base_path or "")
+        if not base_path or not os.path.isfile(candidate):
+            raise CheckpointError(f"{path}: its base checkpoint {base_path!r} is not found")
+        base_path = candidate
+    if obj.get("base_sha256") and file_sha256(base_path) != obj["base_sha256"]:
+        raise CheckpointError(f"{path}: base checkpoint {base_path} is not the one this adapter "
+                              f"was trained on (sha256 differs)")
+    base = load_checkpoint(base_path)
+    state = dict(base.state_dict)
+    adapters = obj["lora"]
+    for key in adapters:
+        if key.endswith(".lora_a"):
+            prefix = key.removesuffix(".lora_a")
+            state[f"{prefix}.weight"] = merge_lora_pair(state[f"{prefix}.weight"], adapters[key],
+                                                        adapters[f"{prefix}.lora_b"], float(obj["lora_alpha"]))
+    config = {**base.config, **(obj.get("config") or {})}
+    extra = {k: v for k, v in obj.items() if k not in ("lora", "config")}
+    return Checkpoint(path, "lora_adapter", base.model_args, state, config, extra)
+
+
+def _read_floats(f, count, path):
+    data = f.read(4 * count)
+    if len(data) != 4 * count:
+        raise CheckpointError(f"{path}: truncated llama2.c model file")
+    return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy())
+
+
+def _llama2c_args(path, header):
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len = header
+    if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, max_seq_len) <= 0 or vocab_size == 0 \
+            or dim > 1 << 16 or n_layers > 1024 or abs(vocab_size) > 1 << 22 or max_seq_len > 1 << 20:
+        raise CheckpointError(f"{path}: not a checkpoint (neither a torch file nor a llama2.c "
+                              f"model file with a sane header)")
+    try:
+        return ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                         vocab_size=abs(vocab_size), hidden_dim=hidden_dim, max_seq_len=max_seq_len)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: bad llama2.c header ({exc})") from None
+
+
+def _layer_keys(n_layers, suffix):
+    return [f"layers.{i}.{suffix}" for i in range(n_layers)]
+
+
+def _shapes(args: ModelArgs):
+    """Shape of every weight, by state-dict key."""
+    hd, kv = args.head_dim, args.n_kv_heads
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attention_norm.weight": (args.dim,), p + "ffn_norm.weight": (args.dim,),
+                       p + "attention.wq.weight": (args.n_heads * hd, args.dim),
+                       p + "attention.wk.weight": (kv * hd, args.dim),
+                       p + "attention.wv.weight": (kv * hd, args.dim),
+                       p + "attention.wo.weight": (args.dim, args.n_heads * hd),
+                       p + "feed_forward.w1.weight": (args.hidden_dim, args.dim),
+                       p + "feed_forward.w2.weight": (args.dim, args.hidden_dim),
+                       p + "feed_forward.w3.weight": (args.hidden_dim, args.dim)})
+    return shapes
+
+
+def llama2c_matmul_order(n_layers):
+    """The matmul weights in the order llama2.c versions 0-2 write them (after the embedding)."""
+    order = []
+    for name in ("attention.wq", "attention.wk", "attention.wv", "attention.wo"):
+        order += _layer_keys(n_layers, name + ".weight")
+    return order
+
+
+def llama2c_ffn_order(n_layers):
+    order = []
+    for name in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+        order += _layer_keys(n_layers, name + ".weight")
+    return order
+
+
+def _check_size(path, f, expected_end):
+    actual = os.path.getsize(path)
+    if actual != expected_end:
+        raise CheckpointError(f"{path}: llama2.c model file is {actual} bytes, its header implies "
+                              f"{expected_end} (truncated or not a model file)")
+
+
+def _finish_bin(path, kind, args, state, shared):
+    if not shared:
+        raise CheckpointError(f"{path}: has an unshared classifier; this project's model ties "
+                              f"output to the token embedding")
+    state["output.weight"] = state["tok_embeddings.weight"]
+    config = {"vocab_source": "llama2" if args.vocab_size == LLAMA2_VOCAB_SIZE else "custom",
+              "vocab_size": args.vocab_size}
+    return Checkpoint(path, kind, args, state, config, {})
+
+
+def _read_llama2c_bin_v0(path) -> Checkpoint:
+    with open(path, "rb") as f:
+        raw = f.read(28)
+        if len(raw) < 28:
+            raise CheckpointError(f"{path}: not a checkpoint (too short for any known format)")
+        header = struct.unpack("<7i", raw)
+        args = _llama2c_args(path, header)
+        shared = header[5] > 0
+        shapes = _shapes(args)
+        hd = args.head_dim
+        n_floats = sum(int(np.prod(s)) for s in shapes.values()) + args.max_seq_len * hd \
+            + (0 if shared else args.vocab_size * args.dim)
+        _check_size(path, f, 28 + 4 * n_floats)
+
+        def read(key, shape=None):
+            shape = shape or shapes.get(key, (args.vocab_size, args.dim))
+            return _read_floats(f, int(np.prod(shape)), path).view(shape)
+
+        state = {"tok_embeddings.weight": read("tok_embeddings.weight")}
+        order = (_layer_keys(args.n_layers, "attention_norm.weight") + llama2c_matmul_order(args.n_layers)
+                 + _layer_keys(args.n_layers, "ffn_norm.weight") + llama2c_ffn_order(args.n_layers)
+                 + ["norm.weight"])
+        for key in order:
+            state[key] = read(key)
+        read("freqs", (args.max_seq_len, hd // 2))  # RoPE cos and sin tables: recomputed, not kept
+        read("freqs", (args.max_seq_len, hd // 2))
+        return _finish_bin(path, "llama2c_bin_v0", args, state, shared)
+
+
+def _read_llama2c_bin_versioned(path) -> Checkpoint:
+    with open(path, "rb") as f:
+        raw = f.read(256)
+        if len(raw) < 256:
+            raise CheckpointError(f"{path}: truncated llama2.c model file (header)")
+        version = struct.unpack("<i", raw[4:8])[0]
+        if version not in (1, 2):
+            raise CheckpointError(f"{path}: llama2.c model version {version}; versions 0, 1 and 2 are read")
+        header = struct.unpack("<7i", raw[8:36])
+        args = _llama2c_args(path, header)
+        shared = raw[36] == 1
+        shapes = _shapes(args)
+        group_size = struct.unpack("<i", raw[37:41])[0] if version == 2 else None
+        norm_keys = (_layer_keys(args.n_layers, "attention_norm.weight")
+                     + _layer_keys(args.n_layers, "ffn_norm.weight") + ["norm.weight"])
+        matmul_keys = (["tok_embeddings.weight"] + llama2c_matmul_order(args.n_layers)
+                       + llama2c_ffn_order(args.n_layers) + ([] if shared else ["output.weight"]))
+        shapes["output.weight"] = (args.vocab_size, args.dim)
+        matmul_numel = sum(int(np.prod(shapes[k])) for k in matmul_keys)
+        norm_numel = sum(int(np.prod(shapes[k])) for k in norm_keys)
+        if version == 1:
+            expected = 256 + 4 * (norm_numel + matmul_numel)
+        else:
+            if not group_size or group_size <= 0 or any(np.prod(shapes[k]) % group_size for k in matmul_keys):
+                raise CheckpointError(f"{path}: bad Q8_0 group size {group_size}")
+            expected = 256 + 4 * norm_numel + matmul_numel + 4 * (matmul_numel // group_size)
+        _check_size(path, f, expected)
+
+        def read(key):
+            shape = shapes[key]
+            numel = int(np.prod(shape))
+            if version == 1 or key in norm_keys:
+                return _read_floats(f, numel, path).view(shape)
+            q = torch.from_numpy(np.frombuffer(f.read(numel), dtype=np.int8).copy()).float()
+            scales = _read_floats(f, numel // group_size, path)
+            return (q.view(-1, group_size) * scales[:, None]).view(shape)
+
+        state = {key: read(key) for key in norm_keys + [k for k in matmul_keys if k != "output.weight"]}
+        return _finish_bin(path, f"llama2c_bin_v{version}", args, state, shared)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def atomic_write(path: str, write_fn):
+    """Call write_fn(tmp_path), then rename over path: readers never see a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path: str, checkpoint: dict):
+    """Atomically torch.save a checkpoint dict (model, model_args as a plain dict, config...)."""
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def model_args_dict(args: ModelArgs) -> dict:
+    return asdict(args)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_tokenizer(ckpt: Checkpoint, override: Optional[str] = None) -> Optional[str]:
+    """The tokenizer a checkpoint was trained with: --tokenizer if given, else the path its
+    config names, else tok{N}.model (custom vocab) or tokenizer.model (Llama 2 vocab) next to
+    the checkpoint, in data/ or in the working folder."""
+    if override:
+        return override
+    candidates = []
+    if ckpt.config.get("tokenizer"):
+        candidates.append(ckpt.config["tokenizer"])
+    vocab = ckpt.model_args.vocab_size
+    name = "tokenizer.model" if vocab == LLAMA2_VOCAB_SIZE else f"tok{vocab}.model"
+    here = os.path.dirname(os.path.abspath(ckpt.path))
+    candidates += [os.path.join(here, name), os.path.join(here, os.path.basename(ckpt.config.get("tokenizer", "") or name)),
+                   os.path.join("data", name), name]
+    return next((c for c in candidates if c and os.path.isfile(c)), None)

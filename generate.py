@@ -1,0 +1,168 @@
+"""Sample stories from any checkpoint the loader reads.
+
+    python generate.py --model_path=out/ckpt.pt --prompt="Once upon a time"
+    python generate.py --model_path=out/instruct/ckpt.pt --verb=climb --noun=ring --adjective=messy --features=dialogue
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from checkpoint import CheckpointError, find_tokenizer, load_model
+from prepare_instruct_data import build_prompt
+from tokenizer import Tokenizer, TokenizerError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True, help="checkpoint: .pt, llama2.c .bin, LoRA adapter")
+    p.add_argument("--prompt", default="", help="text to continue; empty starts from BOS alone")
+    p.add_argument("--verb", help="with --noun and --adjective: build the instruction prompt")
+    p.add_argument("--noun")
+    p.add_argument("--adjective")
+    p.add_argument("--features", default="", help="comma-separated, e.g. dialogue,badending")
+    p.add_argument("--temperature", type=float, default=0.5, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=10)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--num_samples", type=int, default=1, help="sampled together as one batch")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--no_kv_cache", action="store_true", help="recompute the whole context each step")
+    return p
+
+
+def check_sampling_args(temperature, top_k, top_p, max_new_tokens=1, num_samples=1):
+    if temperature < 0:
+        raise UsageError(f"--temperature={temperature}: expected a number >= 0")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"--top_k={top_k}: expected an integer >= 1")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top_p={top_p}: expected a number in (0, 1]")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise UsageError("--max_new_tokens and --num_samples must be >= 1")
+
+
+def prompt_text(args) -> str:
+    words = (args.verb, args.noun, args.adjective)
+    if not any(words):
+        if args.features:
+            raise UsageError("--features needs --verb, --noun and --adjective")
+        return args.prompt
+    if not all(words):
+        raise UsageError("--verb, --noun and --adjective go together: give all three")
+    if args.prompt:
+        raise UsageError("give either --prompt or --verb/--noun/--adjective, not both")
+    try:
+        return build_prompt(*words, [f for f in args.features.split(",") if f.strip()])
+    except ValueError as exc:
+        raise UsageError(f"--features: {exc}") from None
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str, instruct: bool):
+    """How the model saw text before a story in training: plain models read BOS then the text;
+    instruct models read the prompt, then BOS opens the story."""
+    if not text:
+        return [tokenizer.bos_id]
+    if instruct:
+        return tokenizer.encode(text) + [tokenizer.bos_id]
+    return tokenizer.encode(text, bos=True)
+
+
+def load_for_sampling(model_path, tokenizer_path, device, dtype):
+    """(model, checkpoint, tokenizer) with the tokenizer checked against the model's vocab."""
+    model, ckpt = load_model(model_path, device=device, dtype=DTYPES[dtype])
+    path = find_tokenizer(ckpt, tokenizer_path)
+    if path is None:
+        raise UsageError(f"no tokenizer found for {model_path} (looked for "
+                         f"tok{ckpt.model_args.vocab_size}.model beside it and in data/); pass --tokenizer=PATH")
+    tokenizer = Tokenizer(path)
+    if tokenizer.vocab_size != ckpt.model_args.vocab_size:
+        raise UsageError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but {model_path} "
+                         f"expects {ckpt.model_args.vocab_size}; pass the matching --tokenizer")
+    return model, ckpt, tokenizer
+
+
+def sample_stories(model, tokenizer, ids, num_samples, max_new_tokens, temperature, top_k, top_p,
+                   seed=None, use_cache=True, on_token=None):
+    """Sample num_samples continuations of ids as one batch; returns one token list per sample,
+    each cut before its stop token. on_token(step_tokens) sees every step as it is made."""
+    if len(ids) >= model.args.max_seq_len:
+        raise UsageError(f"prompt is {len(ids)} tokens; the model's context is {model.args.max_seq_len}")
+    device = model.tok_embeddings.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    prompt = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    stop_ids = (tokenizer.eos_id, tokenizer.bos_id)
+    steps = []
+    for step in model.generate(prompt, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                               use_cache=use_cache, generator=generator):
+        steps.append(step.tolist())
+        if on_token:
+            on_token(steps[-1])
+    samples = []
+    for i in range(num_samples):
+        tokens = [s[i] for s in steps]
+        cut = next((j for j, t in enumerate(tokens) if t in stop_ids), len(tokens))
+        samples.append(tokens[:cut])
+    return samples
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples)
+        text = prompt_text(args)
+        model, ckpt, tokenizer = load_for_sampling(args.model_path, args.tokenizer, args.device, args.dtype)
+        ids = prompt_ids(tokenizer, text, ckpt.is_instruct)
+        # a plain model's output continues the prompt, so show it; an instruct prompt is not story
+        shown = [] if ckpt.is_instruct else ids
+        printed = [tokenizer.decode(shown)]
+        if args.num_samples == 1 and not ckpt.is_instruct and text:
+            print(printed[0], end="", flush=True)
+        stream = [tokenizer.bos_id, tokenizer.eos_id]
+        streamed = []
+
+        def show(step_tokens):
+            # sentencepiece only knows where spaces go from context: decode the whole story so far
+            if args.num_samples == 1 and step_tokens[0] not in stream:
+                streamed.append(step_tokens[0])
+                text_so_far = tokenizer.decode(shown + streamed)
+                print(text_so_far[len(printed[0]):], end="", flush=True)
+                printed[0] = text_so_far
+
+        start = time.perf_counter()
+        samples = sample_stories(model, tokenizer, ids, args.num_samples, args.max_new_tokens,
+                                 args.temperature, args.top_k, args.top_p, args.seed,
+                                 use_cache=not args.no_kv_cache, on_token=show)
+        seconds = time.perf_counter() - start
+    except (UsageError, CheckpointError, TokenizerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.num_samples == 1:
+        print()
+    else:
+        for i, tokens in enumerate(samples):
+            print(f"--- sample {i + 1}\n{tokenizer.decode(shown + tokens)}")
+    n_tokens = sum(len(s) for s in samples)
+    print(f"generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s, "
+          f"{args.num_samples} sample{'s' if args.num_samples > 1 else ''}, {args.device}, {args.dtype})",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
