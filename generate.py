@@ -97,24 +97,25 @@ def load_for_sampling(model_path, tokenizer_path, device, dtype):
     return model, ckpt, tokenizer
 
 
-def sample_stories(model, tokenizer, ids, num_samples, max_new_tokens, temperature, top_k, top_p,
+def sample_stories(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p,
                    seed=None, use_cache=True, on_token=None):
-    """Sample num_samples continuations of ids as one batch; returns one token list per sample,
-    each cut before its stop token. on_token(step_tokens) sees every step as it is made."""
-    if len(ids) >= model.args.max_seq_len:
-        raise UsageError(f"prompt is {len(ids)} tokens; the model's context is {model.args.max_seq_len}")
+    """Sample one continuation per prompt (token lists of equal length) as one batch; returns
+    one token list per prompt, cut before its stop token. on_token(step) sees every step."""
+    longest = max(len(ids) for ids in prompts)
+    if longest >= model.args.max_seq_len:
+        raise UsageError(f"prompt is {longest} tokens; the model's context is {model.args.max_seq_len}")
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    prompt = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    batch = torch.tensor(prompts, dtype=torch.long, device=device)
     stop_ids = (tokenizer.eos_id, tokenizer.bos_id)
     steps = []
-    for step in model.generate(prompt, max_new_tokens, temperature, top_k, top_p, stop_ids,
+    for step in model.generate(batch, max_new_tokens, temperature, top_k, top_p, stop_ids,
                                use_cache=use_cache, generator=generator):
         steps.append(step.tolist())
         if on_token:
             on_token(steps[-1])
     samples = []
-    for i in range(num_samples):
+    for i in range(len(prompts)):
         tokens = [s[i] for s in steps]
         cut = next((j for j, t in enumerate(tokens) if t in stop_ids), len(tokens))
         samples.append(tokens[:cut])
@@ -145,7 +146,7 @@ def main(argv=None):
                 printed[0] = text_so_far
 
         start = time.perf_counter()
-        samples = sample_stories(model, tokenizer, ids, args.num_samples, args.max_new_tokens,
+        samples = sample_stories(model, tokenizer, [ids] * args.num_samples, args.max_new_tokens,
                                  args.temperature, args.top_k, args.top_p, args.seed,
                                  use_cache=not args.no_kv_cache, on_token=show)
         seconds = time.perf_counter() - start
