@@ -97,17 +97,20 @@ def iter_json_records(path, chunk_chars=1 << 20):
                 pos, state = pos + 1, "first_item"
             elif state == "separator":
                 if char == "]":
+                    _expect_only_whitespace(path, buf[pos + 1:], f, chunk_chars)
                     return
                 if char != ",":
                     raise ValueError(f"{path}: invalid JSON list (expected ',' or ']', found {char!r})")
                 pos, state = pos + 1, "item"
             elif char == "]" and state == "first_item":
+                _expect_only_whitespace(path, buf[pos + 1:], f, chunk_chars)
                 return
             else:
                 try:
                     value, end = decoder.raw_decode(buf, pos)
-                    # a value touching the end of the buffer may continue in the next chunk
-                    complete = end < len(buf) or eof
+                    # a value is whole once the list's next separator is in sight: "3" may be
+                    # the start of "3.25" split across two chunks
+                    complete = eof or (end < len(buf) and buf[end] in " \t\n\r,]")
                 except json.JSONDecodeError as exc:
                     if eof:
                         raise ValueError(f"{path}: invalid JSON ({exc.msg})") from None
@@ -119,6 +122,15 @@ def iter_json_records(path, chunk_chars=1 << 20):
                     continue
                 yield value
                 pos, state = end, "separator"
+
+
+def _expect_only_whitespace(path, rest, f, chunk_chars):
+    while True:
+        if rest.strip(" \t\n\r"):
+            raise ValueError(f"{path}: invalid JSON (extra data after the list)")
+        rest = f.read(chunk_chars)
+        if not rest:
+            return
 
 
 def write_json_atomic(path, obj, indent=None):
@@ -180,10 +192,22 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
+def _iter_body(response, chunk_size=1 << 20):
+    raw = response.raw
+    if hasattr(raw, "read1"):
+        # urllib3 >= 2: read1 hands over every byte that arrived, so a dropped connection loses
+        # nothing (a larger read would discard its partial buffer) and the resume starts there
+        while chunk := raw.read1(chunk_size, decode_content=False):
+            yield chunk
+    else:
+        yield from response.iter_content(chunk_size=64 << 10)
+
+
 def download_file(url, dest, sha256=None, retries=6, backoff_s=1.0, timeout_s=60.0, sleep=time.sleep):
     """Download url to dest via dest.part: resumes with HTTP Range, retries transient failures
     with exponential backoff, checks the size and the sha256, renames only a verified file."""
     import requests
+    import urllib3
 
     part = f"{dest}.part"
     failures = 0
@@ -219,7 +243,7 @@ def download_file(url, dest, sha256=None, retries=6, backoff_s=1.0, timeout_s=60
                     total = int(length) if length and length.isdigit() else None
                 with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                                  unit_divisor=1024, desc=os.path.basename(dest)) as bar:
-                    for chunk in response.iter_content(chunk_size=1 << 20):
+                    for chunk in _iter_body(response):
                         f.write(chunk)
                         bar.update(len(chunk))
             size = os.path.getsize(part)
@@ -234,7 +258,7 @@ def download_file(url, dest, sha256=None, retries=6, backoff_s=1.0, timeout_s=60
                 requests.exceptions.InvalidURL) as exc:
             raise DataError(f"download: bad URL {url!r} ({exc}); pass --url=http(s)://...") from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                requests.exceptions.ChunkedEncodingError, _TransientFailure) as exc:
+                requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError, _TransientFailure) as exc:
             grew = os.path.exists(part) and os.path.getsize(part) > offset
             failures = 1 if grew else failures + 1  # a failure after progress starts the count again
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
