@@ -1,0 +1,337 @@
+"""Evaluate a checkpoint: validation loss and perplexity, and how well it follows instructions.
+
+    # loss on pretokenized shards, instruct shards, or a text file of <|endoftext|>-separated stories
+    python evaluate.py --model_path=out/ckpt.pt --data=data/tok4096
+    python evaluate.py --model_path=stories260K.pt --data=tinystories_valid_head.txt
+    # instruction following on 100 held-out prompts (word triples never seen in training)
+    python evaluate.py --model_path=out/demo/instruct/ckpt.pt --num_prompts=100 \
+        --held_out_from=out/demo/data --report=out/demo/eval.json
+
+Instruction following: each prompt asks for a verb, a noun and an adjective (and maybe
+features). A story uses a word when one of its lower-cased words is: for the verb, the base
+form or a regular inflection (climb, climbs, climbed, climbing; hop -> hopped, carry ->
+carried: tinystories.verb_forms); for the noun, the noun or its regular plural; for the
+adjective, the adjective itself. A Dialogue story must contain quoted speech ("..." or curly
+quotes). Irregular forms (ran, went) do not count.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import List
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, atomic_write
+from generate import (DTYPES, OneLineParser, UsageError, check_sampling_args, load_for_sampling,
+                      prompt_ids, sample_stories)
+from prepare_instruct_data import build_prompt, canonical_feature
+from tinystories import DEMO_ADJECTIVES, DEMO_NOUNS, DEMO_VERBS, verb_forms
+from tokenizer import TokenizerError
+
+STORY_SEPARATOR = "<|endoftext|>"
+QUOTED_SPEECH = re.compile(r'"[^"\n]{2,}"|\u201c[^\u201d\n]{2,}\u201d')
+
+
+# ---- validation loss -------------------------------------------------------------------------
+
+@torch.no_grad()
+def mean_loss(model, batches) -> tuple:
+    """Token-weighted mean cross entropy over (x, y) batches; y = -1 is not scored."""
+    total, count = 0.0, 0
+    device = model.tok_embeddings.weight.device
+    for x, y in batches:
+        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        n = int((y != -1).sum())
+        if n:
+            total += float(model(x, y)[1]) * n
+            count += n
+    if not count:
+        raise UsageError("no tokens to evaluate the loss on")
+    return total / count, count
+
+
+def stream_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int):
+    """Non-overlapping windows of seq_len + 1 tokens from a token stream (targets shifted by one)."""
+    n_windows = min((len(tokens) - 1) // seq_len, max(1, max_tokens // seq_len))
+    for start in range(0, n_windows, batch_size):
+        rows = [np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], dtype=np.int64)
+                for i in range(start, min(start + batch_size, n_windows))]
+        block = np.stack(rows)
+        yield block[:, :-1], block[:, 1:]
+
+
+def instruct_batches(tokens_path: str, batch_size: int, max_examples: int):
+    """Instruct rows with the training mask: only BOS, story and EOS are scored."""
+    tokens = np.load(tokens_path, mmap_mode="r")
+    lengths = np.load(tokens_path.replace(".tokens.npy", ".lengths.npy"), mmap_mode="r")
+    n = min(len(tokens), max_examples)
+    for start in range(0, n, batch_size):
+        rows = np.asarray(tokens[start:start + batch_size], dtype=np.int64)
+        prompt_len, total_len = (np.asarray(lengths[start:start + batch_size, i])[:, None] for i in (0, 1))
+        target_pos = np.arange(1, rows.shape[1])[None, :]
+        y = np.where((target_pos >= prompt_len) & (target_pos < total_len), rows[:, 1:], -1)
+        yield rows[:, :-1], y
+
+
+def text_file_tokens(path: str, tokenizer) -> np.ndarray:
+    """Stories separated by <|endoftext|> lines, each stripped and encoded with BOS, as
+    tinystories.py pretokenize does, then concatenated."""
+    with open(path, encoding="utf-8") as f:
+        stories = [s.strip() for s in f.read().split(STORY_SEPARATOR)]
+    ids = [tok for s in stories if s for tok in tokenizer.encode(s, bos=True)]
+    return np.array(ids, dtype=np.int64)
+
+
+def evaluate_loss(model, tokenizer, data: str, batch_size: int, max_tokens: int) -> dict:
+    seq_len = model.args.max_seq_len
+    if os.path.isdir(data):  # a shard folder: its validation shard, data00
+        candidates = sorted(glob.glob(os.path.join(data, "*.tokens.npy"))) or sorted(glob.glob(os.path.join(data, "*.bin")))
+        if not candidates:
+            raise UsageError(f"--data={data}: folder holds no .bin or .tokens.npy shards")
+        data = candidates[0]
+    if not os.path.isfile(data):
+        raise UsageError(f"--data={data}: no such file or folder")
+    if data.endswith(".tokens.npy"):
+        batches = instruct_batches(data, batch_size, max(1, max_tokens // seq_len))
+    elif data.endswith(".bin"):
+        batches = stream_batches(np.memmap(data, dtype=np.uint16, mode="r"), seq_len, batch_size, max_tokens)
+    elif data.endswith(".txt"):
+        batches = stream_batches(text_file_tokens(data, tokenizer), seq_len, batch_size, max_tokens)
+    else:
+        raise UsageError(f"--data={data}: expected a shard folder, a .bin or .tokens.npy shard, or a .txt file")
+    loss, n_tokens = mean_loss(model, batches)
+    return {"val_loss": loss, "perplexity": math.exp(loss), "loss_tokens": n_tokens, "loss_data": data}
+
+
+# ---- instruction following -------------------------------------------------------------------
+
+@dataclass
+class Request:
+    verb: str
+    noun: str
+    adjective: str
+    features: List[str] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> str:
+        return build_prompt(self.verb, self.noun, self.adjective, self.features)
+
+
+def requests_from_file(path: str) -> List[Request]:
+    requests = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                features = [canonical_feature(x) for x in obj.get("features", [])]
+                requests.append(Request(str(obj["verb"]), str(obj["noun"]), str(obj["adjective"]), features))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise UsageError(f"--prompts_file={path} line {line_no}: expected a JSON object with "
+                                 f"verb, noun, adjective and optional features ({exc})") from None
+    return requests
+
+
+def requests_from_shard(path: str, n: int, seed: int) -> List[Request]:
+    """Prompts from a corpus shard's instruction metadata (the validation shard, data00.json)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--prompts_shard={path}: not a readable JSON shard ({exc})") from None
+    requests = []
+    for rec in records:
+        instruction = rec.get("instruction") if isinstance(rec, dict) else None
+        words = instruction.get("words") if isinstance(instruction, dict) else None
+        if isinstance(words, list) and len(words) == 3 and all(isinstance(w, str) and w for w in words):
+            try:
+                requests.append(Request(*words, [canonical_feature(x) for x in instruction.get("features", [])]))
+            except ValueError:
+                continue
+    random.Random(seed).shuffle(requests)
+    return requests[:n]
+
+
+def seen_word_triples(data_dir: str) -> set:
+    """Every (verb, noun, adjective) in the training shards (data01 onwards) of a corpus."""
+    seen = set()
+    for path in sorted(glob.glob(os.path.join(data_dir, "TinyStories_all_data", "data*.json")))[1:]:
+        with open(path, encoding="utf-8") as f:
+            for rec in json.load(f):
+                words = (rec.get("instruction") or {}).get("words")
+                if isinstance(words, list) and len(words) == 3:
+                    seen.add(tuple(w.lower() for w in words))
+    return seen
+
+
+def held_out_requests(n: int, seed: int, seen: set) -> List[Request]:
+    """Random prompts from the demo word lists whose word triple never appears in training;
+    half ask for a dialogue, a quarter for one other feature as well."""
+    rng = random.Random(seed)
+    requests, used = [], set()
+    while len(requests) < n:
+        triple = (rng.choice(DEMO_VERBS), rng.choice(DEMO_NOUNS), rng.choice(DEMO_ADJECTIVES))
+        if triple in seen or triple in used:
+            continue
+        used.add(triple)
+        features = ["Dialogue"] if rng.random() < 0.5 else []
+        if rng.random() < 0.25:
+            features.append(rng.choice(["BadEnding", "Conflict", "Twist", "MoralValue", "Foreshadowing"]))
+        requests.append(Request(*triple, features))
+    return requests
+
+
+def story_words(story: str) -> set:
+    return set(re.findall(r"[a-z]+", story.lower()))
+
+
+def noun_forms(noun: str) -> set:
+    noun = noun.lower()
+    forms = {noun, noun + "s", noun + "es"}
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
+        forms.add(noun[:-1] + "ies")
+    return forms
+
+
+def score_story(story: str, request: Request) -> dict:
+    words = story_words(story)
+    found = {"verb": bool(words & verb_forms(request.verb.lower())),
+             "noun": bool(words & noun_forms(request.noun)),
+             "adjective": request.adjective.lower() in words}
+    found["all_words"] = all(found.values())
+    if "Dialogue" in request.features:
+        found["dialogue"] = bool(QUOTED_SPEECH.search(story))
+    return found
+
+
+def run_requests(model, tokenizer, requests, max_new_tokens, temperature, top_k, top_p, seed):
+    """Sample one story per request. Prompts of equal token length share a batch."""
+    by_length = defaultdict(list)
+    for request in requests:
+        ids = prompt_ids(tokenizer, request.prompt, instruct=True)
+        by_length[len(ids)].append((request, ids))
+    results = []
+    with tqdm(total=len(requests), desc="sampling stories", unit="story") as bar:
+        for length, group in sorted(by_length.items()):
+            tokens = sample_stories(model, tokenizer, [ids for _, ids in group], max_new_tokens,
+                                    temperature, top_k, top_p, seed + length)
+            for (request, _), story_tokens in zip(group, tokens):
+                story = tokenizer.decode(story_tokens)
+                results.append({**asdict(request), "story": story, "n_tokens": len(story_tokens),
+                                "hit_max_new_tokens": len(story_tokens) >= max_new_tokens,
+                                **score_story(story, request)})
+            bar.update(len(group))
+    return results
+
+
+def summarize(results: list) -> dict:
+    def share(key, rows):
+        return sum(r[key] for r in rows) / len(rows) if rows else None
+    dialogue_rows = [r for r in results if "dialogue" in r]
+    word_hits = sum(r["verb"] + r["noun"] + r["adjective"] for r in results)
+    return {"n_prompts": len(results),
+            "word_rate": word_hits / (3 * len(results)),
+            "verb_rate": share("verb", results), "noun_rate": share("noun", results),
+            "adjective_rate": share("adjective", results),
+            "all_words_rate": share("all_words", results),
+            "n_dialogue_prompts": len(dialogue_rows),
+            "dialogue_rate": share("dialogue", dialogue_rows),
+            "avg_story_words": sum(len(r["story"].split()) for r in results) / len(results),
+            "hit_max_new_tokens_rate": share("hit_max_new_tokens", results)}
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+
+
+def print_table(report: dict):
+    rows = [("validation loss", "val_loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+            ("prompts", "n_prompts", "{}"), ("requested words used", "word_rate", "{:.1%}"),
+            ("  verb / noun / adjective", None, None), ("stories with all three", "all_words_rate", "{:.1%}"),
+            ("dialogue when asked", "dialogue_rate", "{:.1%}"), ("average story (words)", "avg_story_words", "{:.1f}"),
+            ("hit max_new_tokens", "hit_max_new_tokens_rate", "{:.1%}")]
+    print("\n| metric | value |\n|---|---|")
+    for label, key, fmt in rows:
+        if key is None and "verb_rate" in report:
+            value = " / ".join(f"{report[k]:.1%}" for k in ("verb_rate", "noun_rate", "adjective_rate"))
+        elif key in report and report[key] is not None:
+            value = fmt.format(report[key])
+        else:
+            continue
+        print(f"| {label} | {value} |")
+
+
+def build_parser():
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
+    p.add_argument("--data", help="loss on: a shard folder, a .bin or .tokens.npy shard, or a .txt file")
+    p.add_argument("--max_tokens", type=int, default=1_000_000, help="at most this many tokens for the loss")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--prompts_file", help="JSONL of {verb, noun, adjective, features}")
+    p.add_argument("--prompts_shard", help="take prompts from this corpus shard's metadata (e.g. data00.json)")
+    p.add_argument("--num_prompts", type=int, default=0, help="prompts to sample (generated or from the shard)")
+    p.add_argument("--held_out_from", help="corpus folder: generated prompts avoid its training word triples")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--top_k", type=int, default=10)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+        if not (args.data or args.prompts_file or args.num_prompts > 0):
+            raise UsageError("nothing to do: give --data (loss) and/or --num_prompts / --prompts_file (instructions)")
+        model, ckpt, tokenizer = load_for_sampling(args.model_path, args.tokenizer, args.device, args.dtype)
+        report = {"model_path": args.model_path, "tokenizer": tokenizer.model_path}
+        if args.data:
+            report.update(evaluate_loss(model, tokenizer, args.data, args.batch_size, args.max_tokens))
+        if args.prompts_file:
+            requests = requests_from_file(args.prompts_file)
+        elif args.prompts_shard:
+            requests = requests_from_shard(args.prompts_shard, args.num_prompts, args.seed)
+        elif args.num_prompts > 0:
+            seen = seen_word_triples(args.held_out_from) if args.held_out_from else set()
+            requests = held_out_requests(args.num_prompts, args.seed, seen)
+            report["held_out_from"], report["training_word_triples"] = args.held_out_from, len(seen)
+        else:
+            requests = []
+        if requests:
+            results = run_requests(model, tokenizer, requests, args.max_new_tokens, args.temperature,
+                                   args.top_k, args.top_p, args.seed)
+            report.update(summarize(results))
+            report["sampling"] = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}
+            report["samples"] = results
+    except (UsageError, CheckpointError, TokenizerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.report:
+        atomic_write(args.report, lambda tmp: write_json(tmp, report))
+    print_table(report)
+    print(f"evaluated {args.model_path} in {time.perf_counter() - start:.1f} s"
+          + (f"; report in {args.report}" if args.report else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
