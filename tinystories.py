@@ -160,8 +160,16 @@ def run_shard_jobs(worker, jobs, workers, desc):
 
 
 def worker_peak_rss_mb():
-    # ru_maxrss is in kilobytes on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process in MB. Linux's ru_maxrss survives exec, so a spawned
+    worker would report its parent's peak; VmHWM belongs to this process image alone."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 # -----------------------------------------------------------------------------
@@ -190,6 +198,17 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _short_reason(exc):
+    """The part of a requests/urllib3 error worth one line: 'Connection refused', not the pool repr."""
+    text = str(exc)
+    for pattern in (r"\[Errno -?\d+\] [^'\")]+", r"IncompleteRead\([^)]*\)", r"[Rr]ead timed out",
+                    r"Connection reset by peer", r"Connection aborted"):
+        match = re.search(pattern, text)
+        if match:
+            return match.group(0).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _iter_body(response, chunk_size=1 << 20):
@@ -261,7 +280,7 @@ def download_file(url, dest, sha256=None, retries=6, backoff_s=1.0, timeout_s=60
                 requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError, _TransientFailure) as exc:
             grew = os.path.exists(part) and os.path.getsize(part) > offset
             failures = 1 if grew else failures + 1  # a failure after progress starts the count again
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = _short_reason(exc)
             if failures > retries:
                 raise DataError(f"download of {url} failed {failures} times in a row (last: {reason}); "
                                 f"run the same command again to resume, or use --url with a mirror") from None
@@ -780,7 +799,7 @@ def worker_tokenizer(path):
     return _worker_tokenizers[path]
 
 
-def pretokenize_shard(shard_path, tokenizer_path, out_path, flush_tokens=1 << 20):
+def pretokenize_shard(shard_path, tokenizer_path, out_path, flush_tokens=1 << 16):
     """Tokenize one JSON shard into out_path, streaming records in and tokens out."""
     shard = os.path.basename(shard_path)
     tmp = f"{out_path}.tmp"
