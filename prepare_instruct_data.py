@@ -22,14 +22,12 @@ Training reads a row as x = row[:-1], y = row[1:], and ignores y[i] (-1) unless
 prompt_len <= i + 1 < total_len: the loss covers BOS, the story and EOS, never the prompt
 or the padding. Examples longer than max_seq_len are dropped (counted), never truncated.
 """
-import argparse
 import os
 import sys
 from collections import Counter
 from typing import Iterable, Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from tinystories import (DataError, OneLineArgumentParser, ShardError, iter_json_records, list_shards,
                          positive_int, resolve_tokenizer, run_shard_jobs, vocab_size_arg,

@@ -568,7 +568,8 @@ MORAL_TEMPLATES = [
     "{name} learned that telling the truth is always right.",
 ]
 ALL_DEMO_TEMPLATES = (INTRO_TEMPLATES + OBJECT_TEMPLATES + SETTING_SENTENCES + FRIEND_TEMPLATES
-                      + ACTION_TEMPLATES + AGAIN_TEMPLATES + DIALOGUE_TEMPLATES + [s for pair in CONFLICT_TEMPLATES for s in pair]
+                      + ACTION_TEMPLATES + AGAIN_TEMPLATES + DIALOGUE_TEMPLATES
+                      + [s for pair in CONFLICT_TEMPLATES for s in pair]
                       + FORESHADOW_TEMPLATES + TWIST_TEMPLATES + HAPPY_ENDINGS + BAD_ENDINGS + MORAL_TEMPLATES)
 
 _VOWELS = "aeiou"

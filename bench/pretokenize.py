@@ -51,7 +51,8 @@ def main():
 
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
     # other work on the machine slows the 2-worker run most: say how busy it was
     print(f"machine: {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"load average before the run {os.getloadavg()[0]:.2f}")
