@@ -1,0 +1,84 @@
+"""LoRA fine-tuning of any checkpoint the loader reads, on the instruct data, with train.py's loop.
+
+    python finetune_lora.py configs/demo_lora.py
+    python finetune_lora.py --init_from=data/stories110M.pt --lora_rank=2 --lora_targets=wq,wk,wv,wo
+
+The settings are train.py's plus lora_rank, lora_alpha (scaling = alpha / rank), lora_dropout
+and lora_targets. out_dir gets adapter.pt (the best adapter alone: a few KB to MB, with the
+base checkpoint's path and sha256, so it is refused on any other base), ckpt.pt = best.pt (the
+best model with the adapter merged: a plain checkpoint for generate.py and the exporters) and
+last.pt (merged too, plus the unmerged adapter and optimizer state that --init_from=resume needs).
+"""
+import os
+import sys
+
+from checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+from lora import apply_lora, lora_state_dict, merged_state_dict, parse_targets
+from model import Transformer
+import train
+
+DEFAULTS = {
+    **train.DEFAULTS,
+    "out_dir": "out/lora", "init_from": "", "dataset": "instruct",
+    # the original project's LoRA run (formats.md section 7), at a CPU-sized batch
+    "batch_size": 32, "gradient_accumulation_steps": 1, "learning_rate": 5e-4, "max_iters": 5000,
+    "weight_decay": 0.0, "warmup_iters": 100, "eval_interval": 250, "eval_iters": 20,
+    "lora_rank": 2, "lora_alpha": 1.0, "lora_dropout": 0.0, "lora_targets": "wq,wk,wv,wo",
+}
+
+
+class LoRATraining(train.FullTraining):
+    """Base weights frozen, adapters trained; checkpoints hold the merged model."""
+    name = "finetune_lora"
+
+    def build(self, c, resume):
+        check_lora_settings(c)
+        if resume is not None:
+            self.base_path, expected_sha = resume.extra["base_checkpoint"], resume.extra["base_sha256"]
+        elif c["init_from"] in ("", "scratch", "resume"):
+            raise train.ConfigError("init_from: finetune_lora needs --init_from=PATH (the base checkpoint), "
+                                    "or --init_from=resume to continue a LoRA run")
+        else:
+            self.base_path, expected_sha = c["init_from"], None
+        self.base_sha256 = file_sha256(self.base_path) if os.path.isfile(self.base_path) else None
+        if expected_sha and self.base_sha256 != expected_sha:
+            raise CheckpointError(f"{self.base_path}: changed since this LoRA run started (sha256 differs)")
+        base = load_checkpoint(self.base_path)
+        base.model_args.dropout = c["dropout"]
+        model = Transformer(base.model_args)
+        model.load_state_dict(base.state_dict)
+        apply_lora(model, parse_targets(c["lora_targets"]), c["lora_rank"], c["lora_alpha"], c["lora_dropout"])
+        if resume is not None:
+            model.load_state_dict(resume.extra["lora_state"], strict=False)
+        return model
+
+    def weights(self, model):
+        return {"model": merged_state_dict(model), "lora_state": lora_state_dict(model),
+                "base_checkpoint": self.base_path, "base_sha256": self.base_sha256}
+
+    def after_save(self, model, c, path, is_best):
+        if is_best:
+            save_checkpoint(os.path.join(c["out_dir"], "adapter.pt"), {
+                "kind": "lora_adapter", "lora": lora_state_dict(model), "lora_rank": c["lora_rank"],
+                "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
+                "lora_targets": parse_targets(c["lora_targets"]), "base_checkpoint": os.path.abspath(self.base_path),
+                "base_sha256": self.base_sha256, "config": c})
+
+
+def check_lora_settings(c):
+    if c["lora_rank"] < 1:
+        raise train.ConfigError(f"lora_rank={c['lora_rank']}: expected an integer >= 1")
+    if c["lora_alpha"] <= 0 or not 0 <= c["lora_dropout"] < 1:
+        raise train.ConfigError("lora_alpha must be > 0 and lora_dropout in [0, 1)")
+    try:
+        parse_targets(c["lora_targets"])
+    except ValueError as exc:
+        raise train.ConfigError(str(exc)) from None
+
+
+def main(argv=None):
+    return train.main(argv, DEFAULTS, LoRATraining())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

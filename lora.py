@@ -1,0 +1,113 @@
+"""Low-rank adapters (LoRA) for the Transformer's linear layers, torchtune style.
+
+A LoRALinear keeps the base weight as `weight` (the name nn.Linear gives it), so a base
+checkpoint loads into an adapted model unchanged, and adds `lora_a` (rank x in) and `lora_b`
+(out x rank):  y = x W^T + (dropout(x) A^T B^T) * alpha / rank.  lora_b starts at zero, so a
+freshly adapted model computes exactly what its base did. checkpoint.merge_lora_pair applies
+the same formula when it loads an adapter file, so the two can never disagree.
+"""
+import math
+from typing import Dict, Iterable, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from checkpoint import merge_lora_pair
+
+DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")
+TARGETABLE = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # `output` is tied to the embedding
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"lora rank {rank}: expected an integer >= 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora dropout {dropout}: expected a number in [0, 1)")
+        self.in_dim, self.out_dim, self.rank, self.alpha = in_dim, out_dim, rank, float(alpha)
+        self.scaling = self.alpha / rank
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim), requires_grad=False)
+        self.lora_a = nn.Parameter(torch.empty(rank, in_dim))
+        self.lora_b = nn.Parameter(torch.zeros(out_dim, rank))
+        # A random, B zero: training starts from the base model's function with a useful gradient
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        if linear.bias is not None:
+            raise ValueError("LoRALinear adapts bias-free linear layers only (as in Llama 2)")
+        lora = cls(linear.in_features, linear.out_features, rank, alpha, dropout)
+        lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        lora.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)  # shares storage
+        return lora
+
+    def forward(self, x):
+        base = F.linear(x, self.weight)
+        update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
+        return base + update * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        return merge_lora_pair(self.weight.detach(), self.lora_a.detach(), self.lora_b.detach(), self.alpha)
+
+    def extra_repr(self):
+        return f"in={self.in_dim}, out={self.out_dim}, rank={self.rank}, alpha={self.alpha}"
+
+
+def parse_targets(targets) -> List[str]:
+    """'wq,wk' or ['wq', 'wk'] -> ['wq', 'wk'], checked against the adaptable layer names."""
+    names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+    unknown = [t for t in names if t not in TARGETABLE]
+    if not names or unknown:
+        raise ValueError(f"lora targets {','.join(names) or '(none)'}: expected a comma-separated "
+                         f"subset of {','.join(TARGETABLE)}")
+    return names
+
+
+def apply_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank: int = 2,
+               alpha: float = 1.0, dropout: float = 0.0) -> nn.Module:
+    """Swap every targeted nn.Linear for a LoRALinear, in place; freeze everything else."""
+    targets = parse_targets(targets)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear.from_linear(child, rank, alpha, dropout))
+                replaced += 1
+    if not replaced:
+        raise ValueError(f"lora targets {','.join(targets)}: no such linear layer in the model")
+    return model
+
+
+def lora_modules(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The adapter tensors only (`layers.0.attention.wq.lora_a`, ...), detached copies on CPU."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if k.endswith((".lora_a", ".lora_b"))}
+
+
+def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict a plain Transformer would have with every adapter folded in; the model
+    itself is left as it is (training can go on)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_a", ".lora_b"))}
+    for name, module in lora_modules(model):
+        state[f"{name}.weight"] = module.merged_weight()
+    return state
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by an nn.Linear holding W + B A * alpha / rank, in place."""
+    for name, module in lora_modules(model):
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        linear = nn.Linear(module.in_dim, module.out_dim, bias=False,
+                           device=module.weight.device, dtype=module.weight.dtype)
+        linear.weight = nn.Parameter(module.merged_weight())
+        setattr(parent, name.rsplit(".", 1)[-1], linear)
+    return model
