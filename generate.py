@@ -57,6 +57,18 @@ def check_sampling_args(temperature, top_k, top_p, max_new_tokens=1, num_samples
         raise UsageError("--max_new_tokens and --num_samples must be >= 1")
 
 
+def check_device(name):
+    """A bad --device would otherwise surface as a traceback from deep inside model.to()."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device={name}: not a device (expected cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device={name}: this PyTorch sees no CUDA GPU; use --device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device={name}: MPS is not available here; use --device=cpu")
+
+
 def prompt_text(args) -> str:
     words = (args.verb, args.noun, args.adjective)
     if not any(words):
@@ -97,13 +109,17 @@ def load_for_sampling(model_path, tokenizer_path, device, dtype):
     return model, ckpt, tokenizer
 
 
+def check_prompt_length(model, prompts):
+    longest = max(len(ids) for ids in prompts)
+    if longest >= model.args.max_seq_len:
+        raise UsageError(f"prompt is {longest} tokens; the model's context is {model.args.max_seq_len}")
+
+
 def sample_stories(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p,
                    seed=None, use_cache=True, on_token=None):
     """Sample one continuation per prompt (token lists of equal length) as one batch; returns
     one token list per prompt, cut before its stop token. on_token(step) sees every step."""
-    longest = max(len(ids) for ids in prompts)
-    if longest >= model.args.max_seq_len:
-        raise UsageError(f"prompt is {longest} tokens; the model's context is {model.args.max_seq_len}")
+    check_prompt_length(model, prompts)
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     batch = torch.tensor(prompts, dtype=torch.long, device=device)
@@ -126,9 +142,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples)
+        check_device(args.device)
         text = prompt_text(args)
         model, ckpt, tokenizer = load_for_sampling(args.model_path, args.tokenizer, args.device, args.dtype)
         ids = prompt_ids(tokenizer, text, ckpt.is_instruct)
+        check_prompt_length(model, [ids])  # before the prompt is echoed: a refused one prints nothing
         # a plain model's output continues the prompt, so show it; an instruct prompt is not story
         shown = [] if ckpt.is_instruct else ids
         printed = [tokenizer.decode(shown)]
