@@ -1,0 +1,214 @@
+"""generate.py as a user meets it: the command line in a subprocess (output, exit codes, one-line
+errors), plus in-process checks of which token ids the model is given."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate
+from checkpoint import save_checkpoint
+from docs_reference import ROOT, greedy_story, readme_prompt
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
+
+BOS = 1
+SUMMARY = re.compile(r"generated (\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\b")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and much faster where the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def assert_usage_error(result, *must_mention):
+    """Exit code 2, nothing on stdout, a single line on stderr, naming what went wrong."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for word in must_mention:
+        assert str(word) in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def tok512(shared_data):
+    return os.path.join(shared_data, "tok512.model")
+
+
+def tiny_checkpoint(path, vocab_size, config=None, max_seq_len=64):
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
+                     multiple_of=8, max_seq_len=max_seq_len)
+    save_checkpoint(str(path), {"model": Transformer(args).state_dict(), "model_args": vars(args),
+                                "config": config or {}})
+    return str(path)
+
+
+# ---- the real model through the command line ------------------------------------------------
+
+@pytest.mark.parametrize("filename, extra", [("stories260K.pt", []),
+                                             ("stories260K.bin", ["--no_kv_cache"])])
+def test_cli_greedy_stories260K_prints_the_published_story(shared_data, tok512, filename, extra):
+    expected = greedy_story()
+    # the .pt finds tok512.model beside itself; the .bin is given it explicitly
+    tokenizer = [] if filename.endswith(".pt") else [f"--tokenizer={tok512}"]
+    result = run_cli(f"--model_path={os.path.join(shared_data, filename)}", "--temperature=0",
+                     "--max_new_tokens=200", "--device=cpu", *tokenizer, *extra)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    summary = SUMMARY.search(result.stderr)
+    assert summary, result.stderr
+    assert int(summary.group(1)) == 200
+    assert float(summary.group(2)) > 0 and float(summary.group(3)) > 0
+
+
+def test_cli_num_samples_prints_each_sample(shared_data):
+    result = run_cli(f"--model_path={os.path.join(shared_data, 'stories260K.pt')}", "--num_samples=3",
+                     "--temperature=1.0", "--max_new_tokens=40", "--seed=7", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    parts = re.split(r"^--- sample (\d+)\n", result.stdout, flags=re.M)
+    assert parts[0] == "" and parts[1::2] == ["1", "2", "3"], result.stdout
+    stories = [p.strip() for p in parts[2::2]]
+    assert all(stories) and len(set(stories)) == 3  # sampled, so they differ
+    assert "3 samples" in result.stderr and SUMMARY.search(result.stderr)
+
+
+# ---- errors: exit code 2 and one line on stderr ---------------------------------------------
+
+class CreatesMarker:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_cli_refuses_a_hostile_pickle(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_args": CreatesMarker(marker)}, path)
+    result = run_cli(f"--model_path={path}", "--device=cpu")
+    assert_usage_error(result, path)
+    assert not marker.exists()
+
+
+def test_cli_process_exit_codes_for_a_bad_flag_and_a_missing_checkpoint(tmp_path):
+    assert_usage_error(run_cli("--model_path=x.pt", "--no_such_flag=1"), "--no_such_flag")
+    assert_usage_error(run_cli(f"--model_path={tmp_path / 'missing.pt'}", "--device=cpu"),
+                       tmp_path / "missing.pt")
+
+
+def run_main(capsys, *args):
+    """generate.main in-process (the same code the process runs, minus ~2 s of imports):
+    (exit code, stdout, stderr) as the process would give them."""
+    try:
+        code = generate.main(list(map(str, args)))
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_usage_errors(shared_data, tok512, tmp_path, capsys):
+    model = os.path.join(shared_data, "stories260K.pt")
+    vocab300 = tiny_checkpoint(tmp_path / "vocab300.pt", 300)
+    long_prompt = "Once upon a time there was a little girl. " * 80  # far beyond 512 tokens
+    assert len(Tokenizer(tok512).encode(long_prompt)) > 600
+    evil = tmp_path / "evil.bin"
+    marker = tmp_path / "marker"
+    torch.save({"model": {}, "model_args": CreatesMarker(marker)}, evil)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    cases = [
+        (["--model_path", model, "--no_such_flag=1"], ["--no_such_flag"]),
+        (["--prompt=hi"], ["--model_path"]),                     # the required flag missing
+        (["--model_path", model, "--temperature=warm"], ["--temperature"]),
+        (["--model_path", model, "--temperature=-0.5"], ["--temperature"]),
+        (["--model_path", model, "--top_k=0"], ["--top_k"]),
+        (["--model_path", model, "--top_p=0"], ["--top_p"]),
+        (["--model_path", model, "--top_p=1.5"], ["--top_p"]),
+        (["--model_path", model, "--max_new_tokens=0"], ["--max_new_tokens"]),
+        (["--model_path", model, "--verb=climb"], ["--noun"]),  # the words go together
+        (["--model_path", model, "--verb=a", "--noun=b", "--adjective=c", "--features=rhymes"],
+         ["rhymes"]),
+        (["--model_path", model, "--prompt", long_prompt], ["prompt", "512"]),
+        (["--model_path", vocab300, f"--tokenizer={tok512}"], [vocab300, "300", "512"]),
+        (["--model_path", model, f"--tokenizer={tmp_path / 'none.model'}"], [tmp_path / "none.model"]),
+        (["--model_path", str(tmp_path / "missing.pt")], [tmp_path / "missing.pt"]),
+        (["--model_path", empty], [empty]),
+        (["--model_path", evil], [evil]),
+        (["--model_path", model, "--device=banana"], ["--device"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--model_path", model, "--device=cuda"], ["--device", "cpu"]))
+    for args, mentions in cases:
+        extra = [] if any(a.startswith("--device") for a in map(str, args)) else ["--device=cpu"]
+        assert_usage_error(run_main(capsys, *args, *extra), *mentions)
+    assert not marker.exists()
+
+
+# ---- which ids the model is given -----------------------------------------------------------
+
+@pytest.fixture
+def record_prompts(monkeypatch):
+    """Run generate.main in-process and keep the prompt batch handed to Transformer.generate."""
+    seen = []
+    real = Transformer.generate
+
+    def recording(self, prompt, max_new_tokens, *args, **kwargs):
+        seen.append(prompt.tolist())
+        return real(self, prompt, min(max_new_tokens, 3), *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "generate", recording)
+    return seen
+
+
+def test_instruction_flags_build_the_readme_prompt(shared_data, tok512, record_prompts, capsys):
+    words = dict(verb="climb", noun="ring", adjective="messy")
+    expected_text = readme_prompt(*words.values())
+    flags = [f"--{k}={v}" for k, v in words.items()] + ["--features=dialogue"]
+    args = generate.build_parser().parse_args(["--model_path=x"] + flags)
+    assert generate.prompt_text(args) == expected_text
+
+    seed = os.path.join(shared_data, "seed_format_lora260K.pt")
+    assert generate.main([f"--model_path={seed}", "--device=cpu", "--temperature=0"] + flags) == 0
+    # an instruct model read the prompt, then BOS opened the story
+    assert record_prompts == [[Tokenizer(tok512).encode(expected_text) + [BOS]]]
+    assert "Write a story" not in capsys.readouterr().out  # the prompt is not part of the story
+
+
+@pytest.mark.parametrize("dataset, instruct", [("instruct", True), ("tinystories", False)])
+def test_bos_goes_after_an_instruct_prompt_and_before_a_plain_one(tok512, tmp_path, record_prompts,
+                                                                  capsys, dataset, instruct):
+    path = tiny_checkpoint(tmp_path / "ckpt.pt", 512, config={"dataset": dataset})
+    text = "Once upon a time"
+    assert generate.main([f"--model_path={path}", f"--tokenizer={tok512}", f"--prompt={text}",
+                          "--device=cpu", "--max_new_tokens=3"]) == 0
+    ids = Tokenizer(tok512).encode(text)
+    assert record_prompts == [[ids + [BOS]] if instruct else [[BOS] + ids]]
+    out = capsys.readouterr().out
+    assert out.startswith(text) != instruct  # a plain model's output continues the prompt
+
+
+def test_plain_stories260K_prompt_starts_with_bos(shared_data, tok512, record_prompts, capsys):
+    model = os.path.join(shared_data, "stories260K.pt")
+    assert generate.main([f"--model_path={model}", "--prompt=Lily saw a cat", "--device=cpu",
+                          "--num_samples=2"]) == 0
+    ids = [BOS] + Tokenizer(tok512).encode("Lily saw a cat")
+    assert record_prompts == [[ids, ids]]
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2 and out.count("Lily saw a cat") == 2
