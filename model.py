@@ -216,12 +216,13 @@ class Transformer(nn.Module):
         """Yield a (batch,) tensor of new token ids per step. A sample that produced a stop id
         keeps yielding that id; the loop ends once every sample has stopped."""
         batch, prompt_len = prompt.shape
-        max_new_tokens = min(max_new_tokens, self.args.max_seq_len - prompt_len)
+        # the last new token is never fed back in, so prompt + new - 1 positions must fit
+        max_new_tokens = min(max_new_tokens, self.args.max_seq_len - prompt_len + 1)
         stop = torch.tensor(list(stop_ids) or [-1], device=prompt.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
         tokens = prompt
         if use_cache:
-            self.setup_cache(batch, prompt_len + max_new_tokens)
+            self.setup_cache(batch, prompt_len + max_new_tokens - 1)
         try:
             for step in range(max_new_tokens):
                 if use_cache:

@@ -253,12 +253,18 @@ def test_generate_stops_each_sample_at_a_stop_id_and_ends_when_all_stopped():
     assert out.shape[1] == expected_len
 
 
-def test_generate_never_runs_past_the_context():
+def test_generate_fills_the_context_and_never_runs_past_it():
+    """16 positions, a 10-token prompt: 7 new tokens, since the 7th is never fed back in."""
     model = random_model(seed=9, max_seq_len=16)
     prompt = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(9))
-    for use_cache in (True, False):
-        steps = list(model.generate(prompt, 50, temperature=0, use_cache=use_cache))
-        assert len(steps) == 6
+    full = torch.stack(list(model.generate(prompt, 50, temperature=0, use_cache=False)), dim=1)
+    cached = torch.stack(list(model.generate(prompt, 50, temperature=0, use_cache=True)), dim=1)
+    assert full.shape == (2, 7)
+    assert torch.equal(cached, full)
+    # the 7th token is the argmax after all 16 positions, as the full forward pass sees it
+    context = torch.cat((prompt, full[:, :6]), dim=1)
+    assert context.shape[1] == 16
+    assert torch.equal(full[:, 6], model(context)[0][:, -1].argmax(-1))
 
 
 # ---- sampling --------------------------------------------------------------------------------
