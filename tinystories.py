@@ -828,7 +828,7 @@ def pretokenize_shard(shard_path, tokenizer_path, out_path, flush_tokens=1 << 16
             os.remove(tmp)
         raise ShardError(f"{shard}: {exc}") from None
     return {"shard": shard, "stories": n_stories, "tokens": n_tokens, "skipped": n_skipped,
-            "peak_rss_mb": worker_peak_rss_mb(), "pid": os.getpid()}
+            "peak_rss_mb": worker_peak_rss_mb(), "cpu_s": time.process_time(), "pid": os.getpid()}
 
 
 def pretokenize(data_dir, vocab_size, workers, tokenizer_path=None):
