@@ -6,11 +6,14 @@
 - this project's LoRA adapter files (`kind: "lora_adapter"`), merged into their base on the way;
 - the original instruct storyteller's checkpoints (pickled `ModelArgs`, unmerged LoRA
   parametrizations), with the LoRA rank read from the tensor shapes;
-- llama2.c's binary model files, versions 0, 1 and 2 (Q8_0, dequantized).
+- llama2.c's binary model files, versions 0, 1 and 2 (Q8_0, dequantized);
+- a Hugging Face Llama folder (config.json + model.safetensors or pytorch_model.bin), with wq/wk
+  permuted back from Hugging Face's rotate-halves layout to Meta's adjacent pairs.
 Nothing is unpickled beyond tensors and plain containers (`weights_only=True`), so a hostile
 file can fail to load but never run code.
 """
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -35,7 +38,7 @@ class CheckpointError(Exception):
 @dataclass
 class Checkpoint:
     path: str
-    kind: str  # project | llama2c | lora_adapter | instruct_storyteller | llama2c_bin_v0/v1/v2
+    kind: str  # project | llama2c | lora_adapter | instruct_storyteller | llama2c_bin_v0/v1/v2 | hf
     model_args: ModelArgs
     state_dict: Dict[str, torch.Tensor]
     config: dict = field(default_factory=dict)  # training settings (dataset, vocab_size, tokenizer...)
@@ -51,7 +54,10 @@ class Checkpoint:
 
 def load_checkpoint(path: str) -> Checkpoint:
     if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a folder, expected a checkpoint file (.pt or llama2.c .bin)")
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return _read_hf_folder(path)
+        raise CheckpointError(f"{path}: is a folder without config.json, expected a checkpoint file "
+                              f"(.pt or llama2.c .bin) or a Hugging Face Llama folder")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
@@ -314,6 +320,127 @@ def _read_llama2c_bin_versioned(path) -> Checkpoint:
 
         state = {key: read(key) for key in norm_keys + [k for k in matmul_keys if k != "output.weight"]}
         return _finish_bin(path, f"llama2c_bin_v{version}", args, state, shared)
+
+
+# ---- Hugging Face Llama folders ------------------------------------------------------------
+
+def hf_key_map(n_layers) -> Dict[str, str]:
+    """This project's state-dict key -> the Hugging Face LlamaForCausalLM key (lm_head is tied)."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    ours_to_hf = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                  "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                  "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                  "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+                  "ffn_norm": "post_attention_layernorm"}
+    for i in range(n_layers):
+        for ours, theirs in ours_to_hf.items():
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+def hf_permute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """wq or wk from Meta's layout (RoPE rotates adjacent pairs) to Hugging Face's (RoPE rotates
+    the two halves of each head): within each head, rows 0,2,4,.. come first, then 1,3,5,..."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of hf_permute_qk."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _hf_rope(config):
+    """(theta, scaling) from either config style: transformers 4 (rope_theta, rope_scaling) or
+    5 (rope_parameters)."""
+    params = config.get("rope_parameters") or {}
+    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling")
+    if params.get("rope_type", "default") != "default":
+        scaling = params
+    return theta, scaling
+
+
+def _hf_model_args(path, config) -> ModelArgs:
+    """ModelArgs for a LlamaForCausalLM config, or a one-line refusal naming what does not fit.
+    Missing fields take LlamaConfig's defaults (so a config without tie_word_embeddings is untied)."""
+    if config.get("model_type") != "llama":
+        raise CheckpointError(f"{path}: config.json says model_type {config.get('model_type')!r}; "
+                              f"only Hugging Face Llama models are read")
+    theta, scaling = _hf_rope(config)
+    dim, n_heads = config.get("hidden_size", 4096), config.get("num_attention_heads", 32)
+    refusals = [(config.get("attention_bias", False), "attention biases"),
+                (config.get("mlp_bias", False), "MLP biases"),
+                (not config.get("tie_word_embeddings", False), "an untied lm_head"),
+                (scaling, f"RoPE scaling {scaling}"),
+                (float(theta) != 10000.0, f"rope_theta {theta} (only 10000 is supported)"),
+                (config.get("hidden_act", "silu") != "silu", f"activation {config.get('hidden_act')}"),
+                (config.get("head_dim") not in (None, dim // n_heads),
+                 f"head_dim {config.get('head_dim')} != hidden_size / num_attention_heads")]
+    problems = [reason for bad, reason in refusals if bad]
+    if problems:
+        raise CheckpointError(f"{path}: this Llama has {', '.join(problems)}, which this project's "
+                              f"Transformer cannot represent")
+    try:
+        return ModelArgs(dim=dim, n_layers=config.get("num_hidden_layers", 32), n_heads=n_heads,
+                         n_kv_heads=config.get("num_key_value_heads") or n_heads,
+                         vocab_size=config.get("vocab_size", LLAMA2_VOCAB_SIZE),
+                         hidden_dim=config.get("intermediate_size", 11008),
+                         norm_eps=config.get("rms_norm_eps", 1e-6),
+                         max_seq_len=config.get("max_position_embeddings", 2048))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad config.json ({exc})") from None
+
+
+def _read_hf_weights(path):
+    safetensors_file = os.path.join(path, "model.safetensors")
+    torch_file = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(safetensors_file):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(safetensors_file)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{safetensors_file}: not a readable safetensors file ({exc})") from None
+    if os.path.isfile(torch_file):
+        weights = _torch_load(torch_file)  # weights_only: a hostile pickle cannot run code
+        if not isinstance(weights, dict):
+            raise CheckpointError(f"{torch_file}: holds a {type(weights).__name__}, expected a state dict")
+        return weights
+    raise CheckpointError(f"{path}: has config.json but neither model.safetensors nor pytorch_model.bin "
+                          f"(sharded weights are not read)")
+
+
+def _read_hf_folder(path) -> Checkpoint:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable config.json ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: config.json is not a JSON object")
+    args = _hf_model_args(path, config)
+    weights = _read_hf_weights(path)
+    state = {}
+    for ours, theirs in hf_key_map(args.n_layers).items():
+        if theirs not in weights:
+            raise CheckpointError(f"{path}: weights lack {theirs}")
+        state[ours] = weights[theirs]
+    for i in range(args.n_layers):
+        wq, wk = f"layers.{i}.attention.wq.weight", f"layers.{i}.attention.wk.weight"
+        try:
+            state[wq] = hf_unpermute_qk(state[wq], args.n_heads)
+            state[wk] = hf_unpermute_qk(state[wk], args.n_kv_heads)
+        except RuntimeError:
+            raise CheckpointError(f"{path}: layer {i} q_proj/k_proj shapes do not fit config.json") from None
+    state["output.weight"] = state["tok_embeddings.weight"]
+    tokenizer = os.path.join(path, "tokenizer.model")
+    ckpt_config = {"vocab_source": "llama2" if args.vocab_size == LLAMA2_VOCAB_SIZE else "custom",
+                   "vocab_size": args.vocab_size}
+    if os.path.isfile(tokenizer):
+        ckpt_config["tokenizer"] = tokenizer
+    return Checkpoint(path, "hf", args, state, ckpt_config, {"hf_config": config})
 
 
 # ---- writing ---------------------------------------------------------------------------------
