@@ -20,6 +20,7 @@ import train
 DEFAULTS = {
     **train.DEFAULTS,
     "out_dir": "out/lora", "init_from": "", "dataset": "instruct",
+    "max_seq_len": 1024,  # the instruct rows' width or the model's limit, whichever is shorter
     # the original project's LoRA run (formats.md section 7), at a CPU-sized batch
     "batch_size": 32, "gradient_accumulation_steps": 1, "learning_rate": 5e-4, "max_iters": 5000,
     "weight_decay": 0.0, "warmup_iters": 100, "eval_interval": 250, "eval_iters": 20,

@@ -268,7 +268,11 @@ def open_dataset(c, split, model_max_len):
                         f"prepare the {c['dataset']} data for vocab_size={c['vocab_size']} first")
     if c["dataset"] == "pretrain":
         return TokenWindows(folder, files, min(c["max_seq_len"], model_max_len))
-    return InstructRows(folder, files, model_max_len)
+    rows = InstructRows(folder, files, min(c["max_seq_len"], model_max_len))
+    if rows.seq_len < rows.tokens[0].shape[1] - 1 and split == "train":
+        print(f"note: instruct rows hold {rows.tokens[0].shape[1] - 1} positions; cropped to {rows.seq_len} "
+              f"(max_seq_len {c['max_seq_len']}, model {model_max_len}): long stories lose their end")
+    return rows
 
 
 def default_tokenizer(c):

@@ -1,0 +1,254 @@
+"""lora.py and finetune_lora.py: adapters, merging, adapter files, fine-tuning a real model."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import finetune_lora
+import train
+from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, model_args_dict
+from lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, merged_state_dict
+from model import ModelArgs, Transformer
+from test_train import VOCAB, one_thread, read_metrics, step_losses, tiny_config, write_instruct_shards  # noqa: F401
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
+                                 multiple_of=8, max_seq_len=32))
+
+
+def randomize_adapters(model, seed=1):
+    """Give lora_b non-zero values, so the adapters actually change the model's function."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+def save_base(path, model):
+    save_checkpoint(str(path), {"kind": "project", "model": model.state_dict(),
+                                "model_args": model_args_dict(model.args), "config": {}})
+    return str(path)
+
+
+def lora_config(data_dir, out_dir, base, **overrides):
+    c = tiny_config(data_dir, out_dir, dataset="instruct", init_from=base, max_iters=10, eval_interval=5)
+    c.update({k: finetune_lora.DEFAULTS[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")})
+    c.update(overrides)
+    return c
+
+
+# ---- lora.py ------------------------------------------------------------------------------------
+
+def test_lora_linear_starts_as_its_base_and_keeps_the_weight_name():
+    linear = torch.nn.Linear(16, 8, bias=False)
+    lora = LoRALinear.from_linear(linear, rank=3, alpha=6.0, dropout=0.0)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(lora(x), linear(x), rtol=0, atol=0)  # lora_b starts at zero
+    assert set(lora.state_dict()) == {"weight", "lora_a", "lora_b"}
+    assert lora.lora_a.shape == (3, 16) and lora.lora_b.shape == (8, 3) and lora.scaling == 2.0
+    assert not lora.weight.requires_grad and lora.lora_a.requires_grad and lora.lora_b.requires_grad
+
+
+def test_apply_lora_honours_rank_alpha_dropout_and_targets():
+    model = apply_lora(tiny_model(), targets=["wq", "w2"], rank=3, alpha=1.5, dropout=0.25)
+    adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert sorted(adapted) == sorted([f"layers.{i}.attention.wq" for i in range(2)]
+                                     + [f"layers.{i}.feed_forward.w2" for i in range(2)])
+    for m in adapted.values():
+        assert m.rank == 3 and m.scaling == pytest.approx(0.5) and m.dropout.p == 0.25
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{ab}" for n in adapted for ab in ("lora_a", "lora_b")}
+    # a base state dict loads into the adapted model unchanged
+    missing, unexpected = model.load_state_dict(tiny_model(seed=5).state_dict(), strict=False)
+    assert unexpected == [] and all(k.endswith(("lora_a", "lora_b")) for k in missing)
+    with pytest.raises(ValueError, match="lora targets"):
+        apply_lora(tiny_model(), targets=["output"])
+
+
+def test_only_lora_parameters_change_when_training():
+    model = apply_lora(tiny_model(), rank=2, alpha=2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    tokens = torch.randint(0, VOCAB, (4, 17))
+    for _ in range(3):
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("lora_a", "lora_b")) for k in changed)
+    assert any(k.endswith("lora_b") for k in changed)
+
+
+def test_merged_model_gives_the_adapter_models_logits():
+    model = apply_lora(tiny_model(), targets=["wq", "wk", "wv", "wo", "w1"], rank=4, alpha=2.0).eval()
+    randomize_adapters(model)
+    tokens = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        adapted = model(tokens, all_logits=True)[0]
+        plain = tiny_model(seed=9).eval()
+        plain.load_state_dict(merged_state_dict(model))
+        torch.testing.assert_close(plain(tokens, all_logits=True)[0], adapted, rtol=1e-5, atol=1e-5)
+        assert adapted.sub(tiny_model()(tokens, all_logits=True)[0]).abs().max() > 1e-3  # adapters matter
+        merge_lora(model)
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())
+        assert set(model.state_dict()) == set(plain.state_dict())
+        torch.testing.assert_close(model(tokens, all_logits=True)[0], adapted, rtol=1e-5, atol=1e-5)
+
+
+# ---- finetune_lora.py ---------------------------------------------------------------------------
+
+@pytest.fixture
+def lora_run(tmp_path):
+    """A finished fine-tune of a tiny base on synthetic instruct rows."""
+    data_dir = write_instruct_shards(str(tmp_path / "data"))
+    base_model = tiny_model()
+    base = save_base(tmp_path / "base.pt", base_model)
+    out = tmp_path / "out"
+    c = lora_config(data_dir, out, base, learning_rate=1e-2, lora_targets="wq,wv,w3", lora_rank=3, lora_alpha=3.0)
+    assert finetune_lora.main([f"--{k}={v}" for k, v in c.items()]) == 0
+    return dict(data_dir=data_dir, base=base, base_model=base_model, out=out, config=c)
+
+
+def test_finetune_saves_a_small_adapter_and_a_merged_checkpoint(lora_run):
+    out, base_state = lora_run["out"], lora_run["base_model"].state_dict()
+    adapter = load_checkpoint(str(out / "adapter.pt"))
+    assert adapter.kind == "lora_adapter"
+    assert adapter.extra["lora_rank"] == 3 and adapter.extra["lora_alpha"] == 3.0
+    assert adapter.extra["lora_targets"] == ["wq", "wv", "w3"]
+    assert os.path.samefile(adapter.extra["base_checkpoint"], lora_run["base"])
+    assert os.path.getsize(out / "adapter.pt") < os.path.getsize(lora_run["base"]) / 2
+
+    merged, ckpt = load_model(str(out / "ckpt.pt"))
+    assert ckpt.kind == "project" and ckpt.config["dataset"] == "instruct"
+    assert ckpt.config["tokenizer"] == "tok64.model"  # from the instruct folder's meta.json
+    targeted = (".attention.wq.", ".attention.wv.", ".feed_forward.w3.")
+    for key, value in ckpt.state_dict.items():
+        if any(t in key for t in targeted):
+            assert not torch.equal(value, base_state[key]), key  # the adapters were trained...
+        else:
+            assert torch.equal(value, base_state[key]), key  # ...and nothing else changed
+    # the adapter file, merged by the loader onto its base, is the same model as ckpt.pt
+    from_adapter = Transformer(adapter.model_args).eval()
+    from_adapter.load_state_dict(adapter.state_dict)
+    tokens = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(from_adapter(tokens, all_logits=True)[0], merged(tokens, all_logits=True)[0])
+
+
+def test_adapter_refuses_a_different_base(lora_run):
+    base_path = lora_run["base"]
+    state = {k: v.clone() for k, v in lora_run["base_model"].state_dict().items()}
+    state["norm.weight"] += 1.0
+    save_checkpoint(base_path, {"kind": "project", "model": state, "config": {},
+                                "model_args": model_args_dict(lora_run["base_model"].args)})
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(str(lora_run["out"] / "adapter.pt"))
+
+
+def test_lora_resume_continues_exactly(tmp_path):
+    data_dir = write_instruct_shards(str(tmp_path / "data"))
+    base = save_base(tmp_path / "base.pt", tiny_model())
+    settings = dict(max_iters=8, lr_decay_iters=8, eval_interval=3, lora_dropout=0.1, learning_rate=1e-2)
+    train.train(lora_config(data_dir, tmp_path / "one", base, **settings), finetune_lora.LoRATraining())
+    train.train(lora_config(data_dir, tmp_path / "two", base, **dict(settings, max_iters=4)), finetune_lora.LoRATraining())
+    train.train(lora_config(data_dir, tmp_path / "two", base, **dict(settings, init_from="resume")),
+                finetune_lora.LoRATraining())
+    assert step_losses(tmp_path / "one") == step_losses(tmp_path / "two")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([], "needs --init_from=PATH"),
+    (["--init_from=/nonexistent/base.pt"], "no such checkpoint file"),
+    (["--init_from=x.pt", "--lora_targets=wq,output"], "lora targets"),
+    (["--init_from=x.pt", "--lora_rank=0"], "lora_rank=0"),
+    (["--lora_rank=two"], "lora_rank expects int"),
+])
+def test_finetune_cli_errors_are_one_line(argv, needle, capsys):
+    assert finetune_lora.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+# ---- the real stories260K model -----------------------------------------------------------------
+
+def write_story_instruct_data(shared_data, data_dir, width=513, n_val=32):
+    """Instruct rows built with the project's prompt builder from real TinyStories stories."""
+    from prepare_instruct_data import build_prompt
+    from tokenizer import Tokenizer
+    tok = Tokenizer(os.path.join(shared_data, "tok512.model"))
+    with open(os.path.join(shared_data, "tinystories_valid_head.txt")) as f:
+        stories = [s.strip() for s in f.read().split("<|endoftext|>") if s.strip()]
+    rng = np.random.default_rng(0)
+    rows, lengths = [], []
+    for story in stories:
+        words = [w.strip('.,!?"\'').lower() for w in story.split() if len(w.strip('.,!?"\'')) > 3]
+        verb, noun, adjective = rng.choice(words, size=3)
+        prompt = build_prompt(verb, noun, adjective, ["Dialogue"] if '"' in story else [])
+        prompt_ids = tok.encode(prompt)
+        ids = prompt_ids + [tok.bos_id] + tok.encode(story) + [tok.eos_id]
+        if len(ids) <= width:
+            rows.append(np.pad(np.array(ids, dtype=np.uint16), (0, width - len(ids))))
+            lengths.append((len(prompt_ids), len(ids)))
+    folder = os.path.join(data_dir, "instruct512")
+    os.makedirs(folder)
+    tokens, lengths = np.stack(rows), np.array(lengths, dtype=np.int32)
+    for name, part in (("data00", slice(0, n_val)), ("data01", slice(n_val, None))):
+        np.save(os.path.join(folder, f"{name}.tokens.npy"), tokens[part])
+        np.save(os.path.join(folder, f"{name}.lengths.npy"), lengths[part])
+    return len(rows)
+
+
+def stories260K_config(shared_data, data_dir, out_dir, base, **overrides):
+    c = dict(finetune_lora.DEFAULTS, init_from=base, data_dir=str(data_dir), out_dir=str(out_dir),
+             tokenizer=os.path.join(shared_data, "tok512.model"), batch_size=8, max_iters=30,
+             eval_interval=30, eval_iters=4, warmup_iters=5, learning_rate=1e-2, device="cpu",
+             dtype="float32", compile=False, peak_flops=1e12,
+             max_seq_len=192)  # rows cropped: all 512 positions would take 4x as long
+    c.update(overrides)
+    return c
+
+
+def test_lora_finetune_of_stories260K_lowers_validation_loss(shared_data, tmp_path):
+    n_examples = write_story_instruct_data(shared_data, str(tmp_path / "data"))
+    assert n_examples > 150
+    base = os.path.join(shared_data, "stories260K.pt")
+    out = tmp_path / "out"
+    train.train(stories260K_config(shared_data, tmp_path / "data", out, base), finetune_lora.LoRATraining())
+    evals = [r for r in read_metrics(out) if r.get("eval")]
+    assert [r["iter"] for r in evals] == [0, 30]
+    assert evals[1]["val_loss"] < evals[0]["val_loss"] - 0.03, evals  # measured: 1.185 -> 1.115
+    adapter = load_checkpoint(str(out / "adapter.pt"))
+    assert adapter.extra["lora_rank"] == 2 and adapter.extra["lora_targets"] == ["wq", "wk", "wv", "wo"]
+    model, ckpt = load_model(str(out / "ckpt.pt"))
+    assert ckpt.is_instruct and ckpt.config["tokenizer"].endswith("tok512.model")
+    base_state = load_checkpoint(base).state_dict
+    changed = {k for k in base_state if not torch.equal(base_state[k], ckpt.state_dict[k])}
+    assert changed == {f"layers.{i}.attention.{w}.weight" for i in range(5) for w in ("wq", "wk", "wv", "wo")}
+
+
+def test_original_projects_lora_checkpoint_is_a_base(shared_data, tmp_path):
+    write_story_instruct_data(shared_data, str(tmp_path / "data"))
+    base = os.path.join(shared_data, "seed_format_lora260K.pt")
+    base_model, _ = load_model(base)  # the loader merges its parametrized LoRA weights
+    out = tmp_path / "out"
+    train.train(stories260K_config(shared_data, tmp_path / "data", out, base, max_iters=2, eval_interval=100),
+                finetune_lora.LoRATraining())
+    first_eval = read_metrics(out)[0]
+    assert first_eval["iter"] == 0
+    # evaluated on the very weights the loader produced: the same loss from the plain model
+    c = stories260K_config(shared_data, tmp_path / "data", out, base)
+    val = train.open_dataset(dict(c, vocab_source="custom", vocab_size=512), "val", 512)
+    assert val.seq_len == 192
+    losses = []
+    with torch.no_grad():
+        for rows in train.fixed_batches(val, c["eval_iters"], c["batch_size"], c["seed"] + 2):
+            losses.append(base_model(*val.get(rows, "cpu"))[1].item())
+    assert first_eval["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    adapter = load_checkpoint(str(out / "adapter.pt"))
+    assert os.path.samefile(adapter.extra["base_checkpoint"], base)
