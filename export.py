@@ -70,7 +70,6 @@ import shutil
 import struct
 import sys
 
-import numpy as np
 import torch
 
 from checkpoint import (LLAMA2_VOCAB_SIZE, LLAMA2C_MAGIC, CheckpointError, atomic_write,

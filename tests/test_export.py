@@ -193,6 +193,16 @@ def test_q8_all_zero_group_stays_zero():
     assert q[1].tolist() == [64, -127, 32, 0] and scale[1].item() == pytest.approx(2 / 127)
 
 
+def test_llama2c_bin_imports_to_project_checkpoint(shared_data, tmp_path):
+    out = tmp_path / "stories260K_from_bin.pt"
+    assert run_export(f"--checkpoint={shared_data}/stories260K.bin", "--format=pt", f"--out={out}") == 0
+    imported = load_checkpoint(str(out))
+    assert imported.kind == "project" and imported.extra["iter_num"] == 0
+    assert imported.config["tokenizer"] == os.path.abspath(os.path.join(shared_data, "tok512.model"))
+    assert imported.config["vocab_source"] == "custom" and imported.config["vocab_size"] == 512
+    same_weights(imported.state_dict, load_checkpoint(os.path.join(shared_data, "stories260K.pt")).state_dict)
+
+
 def test_lora_checkpoint_exports_merged_weights(shared_data, tmp_path):
     lora = os.path.join(shared_data, "seed_format_lora260K.pt")
     out = tmp_path / "lora.bin"
