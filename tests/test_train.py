@@ -317,3 +317,14 @@ def test_ddp_two_gloo_processes_match_one_process(pretrain_dir, tmp_path):
     a, b = load_checkpoint(str(tmp_path / "single" / "last.pt")), load_checkpoint(str(tmp_path / "ddp" / "last.pt"))
     for key in a.state_dict:
         torch.testing.assert_close(a.state_dict[key], b.state_dict[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs"))))
+def test_every_config_file_parses(name):
+    import finetune_lora
+    path = os.path.join(ROOT, "configs", name)
+    with open(path) as f:
+        assert f.readline().startswith("#")  # states its hardware and time
+    defaults = finetune_lora.DEFAULTS if "lora" in name else train.DEFAULTS
+    c = train.parse_settings([path], defaults)
+    train.check_values(dict(c, device="cpu", dtype="float32"))

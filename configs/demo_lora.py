@@ -1,0 +1,19 @@
+# LoRA fine-tuning for the quickstart, with finetune_lora.py: llama2.c's real stories260K (tok512)
+# adapted to the demo corpus's instruct examples (prepare_instruct_data.py --vocab_size=512 with
+# data/tok512.model = shared/data/tok512.model). The 2-core CPU: about 2-3 minutes.
+#   python finetune_lora.py configs/demo_lora.py --init_from=../shared/data/stories260K.pt
+dataset = "instruct"
+data_dir = "data"
+max_seq_len = 350
+lora_rank = 2
+lora_alpha = 1.0
+lora_targets = "wq,wk,wv,wo"
+batch_size = 16
+gradient_accumulation_steps = 1
+learning_rate = 1e-2
+max_iters = 300
+warmup_iters = 20
+eval_interval = 100
+eval_iters = 10
+log_interval = 10
+out_dir = "out/demo_lora"
