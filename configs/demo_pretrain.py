@@ -18,3 +18,4 @@ eval_interval = 100
 eval_iters = 10
 log_interval = 10
 out_dir = "out/demo_pretrain"
+compile = False  # compiling costs ~1 minute on 2 cores: more than a minutes-long tiny-model run gains
