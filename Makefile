@@ -8,7 +8,7 @@ TORCH ?= torch>=2.5
 TEST_PACKAGES ?= pytest>=7 transformers>=4.40 accelerate
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo demo-pipeline test venv
 
 $(VENV)/.deps: requirements.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -23,3 +23,28 @@ venv: $(VENV)/.deps
 
 test: $(VENV)/.test-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) tests
+
+# ---- the quickstart: offline demo corpus -> tokenizer -> instruct data -> model -> story, score
+DEMO_DIR ?= out/demo
+DEMO_DATA = $(DEMO_DIR)/data
+DEMO_VOCAB ?= 512
+DEMO_SHARDS ?= 6
+DEMO_STORIES ?= 5000
+DEMO_SEQ ?= 320
+DEMO_TRAIN ?=
+DEMO_PROMPTS ?= 100
+DEMO_STORY ?= --verb=climb --noun=ring --adjective=messy --features=dialogue
+
+demo: $(VENV)/.deps
+	@$(MAKE) --no-print-directory demo-pipeline
+
+demo-pipeline:
+	$(PY) tinystories.py make_demo --data_dir=$(DEMO_DATA) --num_shards=$(DEMO_SHARDS) --stories_per_shard=$(DEMO_STORIES)
+	$(PY) tinystories.py train_vocab --data_dir=$(DEMO_DATA) --vocab_size=$(DEMO_VOCAB)
+	$(PY) prepare_instruct_data.py --data_dir=$(DEMO_DATA) --vocab_size=$(DEMO_VOCAB) --max_seq_len=$(DEMO_SEQ)
+	$(PY) train.py configs/demo_instruct.py --data_dir=$(DEMO_DATA) --vocab_size=$(DEMO_VOCAB) \
+		--max_seq_len=$(DEMO_SEQ) --out_dir=$(DEMO_DIR)/instruct $(DEMO_TRAIN)
+	@echo "== a story for: $(DEMO_STORY)"
+	$(PY) generate.py --model_path=$(DEMO_DIR)/instruct/ckpt.pt $(DEMO_STORY)
+	$(PY) evaluate.py --model_path=$(DEMO_DIR)/instruct/ckpt.pt --data=$(DEMO_DATA)/instruct$(DEMO_VOCAB) \
+		--num_prompts=$(DEMO_PROMPTS) --held_out_from=$(DEMO_DATA) --report=$(DEMO_DIR)/eval.json

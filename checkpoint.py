@@ -91,11 +91,11 @@ def _torch_load(path):
         with torch.serialization.safe_globals([(_PickledModelArgs, "model.ModelArgs")]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).split("\n")[0]
-        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            reason = f"it asks to unpickle {found.group(1) if found else 'an object'}, which is not allowed"
-        raise CheckpointError(f"{path}: refused to load ({reason}); only tensors and plain data are read") from None
+        # never quote torch's own message: it suggests retrying with weights_only=False
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        asks = f"it asks to unpickle {found.group(1)}" if found else "it holds pickled objects other than tensors"
+        raise CheckpointError(f"{path}: refused to load ({asks}); only tensors and plain data are read, "
+                              f"so code in a checkpoint never runs") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None

@@ -37,6 +37,7 @@ from generate import (DTYPES, OneLineParser, UsageError, check_sampling_args, lo
 from prepare_instruct_data import build_prompt, canonical_feature
 from tinystories import DEMO_ADJECTIVES, DEMO_NOUNS, DEMO_VERBS, verb_forms
 from tokenizer import TokenizerError
+from train import InstructRows
 
 STORY_SEPARATOR = "<|endoftext|>"
 QUOTED_SPEECH = re.compile(r'"[^"\n]{2,}"|\u201c[^\u201d\n]{2,}\u201d')
@@ -70,17 +71,13 @@ def stream_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens
         yield block[:, :-1], block[:, 1:]
 
 
-def instruct_batches(tokens_path: str, batch_size: int, max_examples: int):
-    """Instruct rows with the training mask: only BOS, story and EOS are scored."""
-    tokens = np.load(tokens_path, mmap_mode="r")
-    lengths = np.load(tokens_path.replace(".tokens.npy", ".lengths.npy"), mmap_mode="r")
-    n = min(len(tokens), max_examples)
+def instruct_batches(tokens_path: str, seq_len: int, batch_size: int, max_examples: int):
+    """Instruct rows with train.py's own mask: only BOS, story and EOS are scored."""
+    rows = InstructRows(os.path.dirname(tokens_path), [tokens_path], seq_len)
+    n = min(len(rows), max_examples)
     for start in range(0, n, batch_size):
-        rows = np.asarray(tokens[start:start + batch_size], dtype=np.int64)
-        prompt_len, total_len = (np.asarray(lengths[start:start + batch_size, i])[:, None] for i in (0, 1))
-        target_pos = np.arange(1, rows.shape[1])[None, :]
-        y = np.where((target_pos >= prompt_len) & (target_pos < total_len), rows[:, 1:], -1)
-        yield rows[:, :-1], y
+        x, y = rows.get(np.arange(start, min(start + batch_size, n)), "cpu")
+        yield x.numpy(), y.numpy()
 
 
 def text_file_tokens(path: str, tokenizer) -> np.ndarray:
@@ -102,7 +99,7 @@ def evaluate_loss(model, tokenizer, data: str, batch_size: int, max_tokens: int)
     if not os.path.isfile(data):
         raise UsageError(f"--data={data}: no such file or folder")
     if data.endswith(".tokens.npy"):
-        batches = instruct_batches(data, batch_size, max(1, max_tokens // seq_len))
+        batches = instruct_batches(data, seq_len, batch_size, max(1, max_tokens // seq_len))
     elif data.endswith(".bin"):
         batches = stream_batches(np.memmap(data, dtype=np.uint16, mode="r"), seq_len, batch_size, max_tokens)
     elif data.endswith(".txt"):
@@ -206,9 +203,9 @@ def noun_forms(noun: str) -> set:
 
 def score_story(story: str, request: Request) -> dict:
     words = story_words(story)
-    found = {"verb": bool(words & verb_forms(request.verb.lower())),
-             "noun": bool(words & noun_forms(request.noun)),
-             "adjective": request.adjective.lower() in words}
+    found = {"verb_used": bool(words & verb_forms(request.verb.lower())),
+             "noun_used": bool(words & noun_forms(request.noun)),
+             "adjective_used": request.adjective.lower() in words}
     found["all_words"] = all(found.values())
     if "Dialogue" in request.features:
         found["dialogue"] = bool(QUOTED_SPEECH.search(story))
@@ -239,11 +236,11 @@ def summarize(results: list) -> dict:
     def share(key, rows):
         return sum(r[key] for r in rows) / len(rows) if rows else None
     dialogue_rows = [r for r in results if "dialogue" in r]
-    word_hits = sum(r["verb"] + r["noun"] + r["adjective"] for r in results)
+    word_hits = sum(r["verb_used"] + r["noun_used"] + r["adjective_used"] for r in results)
     return {"n_prompts": len(results),
             "word_rate": word_hits / (3 * len(results)),
-            "verb_rate": share("verb", results), "noun_rate": share("noun", results),
-            "adjective_rate": share("adjective", results),
+            "verb_rate": share("verb_used", results), "noun_rate": share("noun_used", results),
+            "adjective_rate": share("adjective_used", results),
             "all_words_rate": share("all_words", results),
             "n_dialogue_prompts": len(dialogue_rows),
             "dialogue_rate": share("dialogue", dialogue_rows),

@@ -721,8 +721,13 @@ def tokenizer_model_path(data_dir, vocab_size):
     return os.path.join(data_dir, f"tok{vocab_size}.model")
 
 
-def train_vocab(data_dir, vocab_size, num_shards):
+def train_vocab(data_dir, vocab_size, num_shards, include_prompts=False):
+    """llama2.c's tokenizer training. include_prompts adds each record's instruction prompt (the
+    template prompt_style of prepare_instruct_data) to the text, so that a small vocabulary also
+    spends pieces on the instruction's words: shorter instruct examples, at the price of
+    departing from llama2.c's stories-only tokenizers."""
     import sentencepiece as spm
+    from prepare_instruct_data import record_prompt_and_story
     from tokenizer import Tokenizer
 
     shards = list_shards(data_dir)[:num_shards]
@@ -738,6 +743,9 @@ def train_vocab(data_dir, vocab_size, num_shards):
                     if isinstance(story, str) and story.strip():
                         f.write(story.strip() + "\n")
                         n_stories += 1
+                    prompt = record_prompt_and_story(record, "template")[0] if include_prompts else None
+                    if prompt:
+                        f.write(prompt + "\n")
         if n_stories == 0:
             raise DataError(f"train_vocab: no stories in {', '.join(shards)}")
         print(f"train_vocab: training sentencepiece BPE ({vocab_size} tokens) on {n_stories} stories...",
@@ -762,7 +770,7 @@ def train_vocab(data_dir, vocab_size, num_shards):
 
 
 def cmd_train_vocab(args):
-    model_path, n_stories = train_vocab(args.data_dir, args.vocab_size, args.num_shards)
+    model_path, n_stories = train_vocab(args.data_dir, args.vocab_size, args.num_shards, args.include_prompts)
     print(f"train_vocab: {model_path} (and .bin) from {n_stories} stories")
 
 
@@ -915,6 +923,8 @@ def build_parser():
 
     p = add("train_vocab", "train a sentencepiece BPE tokenizer -> {data_dir}/tok{N}.model")
     p.add_argument("--vocab_size", type=lambda t: vocab_size_arg(t, allow_zero=False), required=True)
+    p.add_argument("--include_prompts", action="store_true",
+                   help="also train on each record's instruction prompt (not llama2.c's recipe)")
     p.add_argument("--num_shards", type=positive_int, default=10, help="train on the first shards (default 10)")
     p.set_defaults(func=cmd_train_vocab)
 

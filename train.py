@@ -243,8 +243,11 @@ class InstructRows(_Shards):
         lengths = np.stack([self.lengths[s][i] for s, i in zip(shards, index)])
         for s in set(shards.tolist()):
             _release_pages(self.tokens[s])
-        x, y = batch[:, :-1], batch[:, 1:].copy()
-        position = np.arange(1, self.seq_len + 1)  # where each target sits in the row
+        # positions past the batch's longest example are padding for every row: leave them out
+        # (causal attention means the positions kept compute exactly the same loss)
+        width = max(1, min(self.seq_len, int(lengths[:, 1].max()) - 1))
+        x, y = batch[:, :width], batch[:, 1:width + 1].copy()
+        position = np.arange(1, width + 1)  # where each target sits in the row
         y[(position < lengths[:, :1]) | (position >= lengths[:, 1:])] = -1
         return _to(torch.from_numpy(x), device), _to(torch.from_numpy(y), device)
 
