@@ -27,10 +27,10 @@ test: $(VENV)/.test-deps
 # ---- the quickstart: offline demo corpus -> tokenizer -> instruct data -> model -> story, score
 DEMO_DIR ?= out/demo
 DEMO_DATA = $(DEMO_DIR)/data
-DEMO_VOCAB ?= 512
+DEMO_VOCAB ?= 1024
 DEMO_SHARDS ?= 6
 DEMO_STORIES ?= 5000
-DEMO_SEQ ?= 320
+DEMO_SEQ ?= 192
 DEMO_TRAIN ?=
 DEMO_PROMPTS ?= 100
 DEMO_STORY ?= --verb=climb --noun=ring --adjective=messy --features=dialogue
@@ -40,7 +40,7 @@ demo: $(VENV)/.deps
 
 demo-pipeline:
 	$(PY) tinystories.py make_demo --data_dir=$(DEMO_DATA) --num_shards=$(DEMO_SHARDS) --stories_per_shard=$(DEMO_STORIES)
-	$(PY) tinystories.py train_vocab --data_dir=$(DEMO_DATA) --vocab_size=$(DEMO_VOCAB)
+	$(PY) tinystories.py train_vocab --data_dir=$(DEMO_DATA) --vocab_size=$(DEMO_VOCAB) --include_prompts
 	$(PY) prepare_instruct_data.py --data_dir=$(DEMO_DATA) --vocab_size=$(DEMO_VOCAB) --max_seq_len=$(DEMO_SEQ)
 	$(PY) train.py configs/demo_instruct.py --data_dir=$(DEMO_DATA) --vocab_size=$(DEMO_VOCAB) \
 		--max_seq_len=$(DEMO_SEQ) --out_dir=$(DEMO_DIR)/instruct $(DEMO_TRAIN)

@@ -41,7 +41,7 @@ def test_verb_counts_in_any_regular_inflection_and_nothing_else():
 def test_noun_plural_adjective_exact_and_all_words():
     request = Request("climb", "cherry", "red")
     found = score_story("She climbed up. Two cherries sat there, so redder than ever.", request)
-    assert found["verb_used"] and found["noun"] and not found["adjective"] and not found["all_words"]
+    assert found["verb_used"] and found["noun_used"] and not found["adjective_used"] and not found["all_words"]
     found = score_story("She climbed up to the red cherry.", request)
     assert found["all_words"]
 

@@ -217,6 +217,23 @@ def test_train_vocab_and_pretokenize_on_demo_corpus(demo_data, capsys):
         assert decoded_stories(demo_data / "tok400" / bin_name, tok) == [s.strip() for s in stories]
 
 
+def test_train_vocab_include_prompts_shortens_the_instructions(tmp_path):
+    """--include_prompts spends pieces on the instruction's own words: the same prompt takes far
+    fewer tokens, while stories still round-trip."""
+    from prepare_instruct_data import build_prompt
+    data_dir = tmp_path / "data"
+    tinystories.make_demo(str(data_dir), num_shards=2, stories_per_shard=400, seed=5)
+    lengths = {}
+    for flag in ([], ["--include_prompts"]):
+        assert tinystories.main(["train_vocab", "--vocab_size=600", f"--data_dir={data_dir}", *flag]) == 0
+        tok = Tokenizer(str(data_dir / "tok600.model"))
+        prompt = build_prompt("climb", "ring", "messy", ["Dialogue"])
+        lengths[bool(flag)] = len(tok.encode(prompt))
+        story = stories_of(data_dir)[1][0].strip()
+        assert tok.decode(tok.encode(story)) == story
+    assert lengths[True] < 0.7 * lengths[False], lengths
+
+
 def test_pretokenize_real_text(shared_data, tmp_path):
     stories = real_stories(shared_data)
     assert len(stories) == 177

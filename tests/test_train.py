@@ -162,9 +162,11 @@ def test_instruct_targets_cover_only_bos_story_eos(tmp_path):
     tokens = np.load(os.path.join(folder, "data01.tokens.npy"))
     lengths = np.load(os.path.join(folder, "data01.lengths.npy"))
     x, y = rows.get(np.array([0, 5, 9]), "cpu")
+    # the batch stops at its longest example's last input: everything after is padding
+    assert x.shape[1] == max(lengths[r][1] for r in (0, 5, 9)) - 1 < tokens.shape[1] - 1
     for k, r in enumerate([0, 5, 9]):
         prompt_len, total = lengths[r]
-        assert x[k].tolist() == tokens[r, :-1].tolist()
+        assert x[k].tolist() == tokens[r, :x.shape[1]].tolist()
         kept = (y[k] != -1).nonzero().flatten().tolist()
         assert kept == list(range(prompt_len - 1, total - 1))  # the first kept target is BOS
         assert y[k, prompt_len - 1] == 1 and y[k, total - 2] == 2

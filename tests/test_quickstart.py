@@ -1,0 +1,36 @@
+"""The quickstart (`make demo`) shortened: the same Makefile recipe and scripts, a tiny corpus,
+a tiny model and a few steps, so the main job cannot silently break."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_shortened_demo_pipeline(tmp_path):
+    demo_dir = tmp_path / "demo"
+    done = subprocess.run(
+        ["make", "--no-print-directory", "demo-pipeline", f"PY={sys.executable}", f"DEMO_DIR={demo_dir}",
+         "DEMO_SHARDS=2", "DEMO_STORIES=300", "DEMO_PROMPTS=6",
+         "DEMO_TRAIN=--max_iters=6 --eval_interval=3 --eval_iters=1 --batch_size=4 --dim=32 --n_layers=1 "
+         "--n_heads=2 --n_kv_heads=2 --multiple_of=8 --log_interval=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    assert (demo_dir / "data" / "TinyStories_all_data" / "data01.json").is_file()
+    assert (demo_dir / "instruct" / "ckpt.pt").is_file()
+    assert (demo_dir / "instruct" / "metrics.jsonl").is_file()
+    report = json.loads((demo_dir / "eval.json").read_text())
+    for key in ("word_rate", "all_words_rate", "dialogue_rate", "n_prompts", "val_loss"):
+        assert key in report
+    assert report["n_prompts"] == 6 and report["training_word_triples"] > 0
+    # the run ends with the story for the README prompt, then the score table
+    assert "== a story for:" in done.stdout
+    assert done.stdout.rstrip().splitlines()[-1].startswith("evaluated ")
+    assert "| stories with all three |" in done.stdout
