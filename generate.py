@@ -138,6 +138,24 @@ def sample_stories(model, tokenizer, prompts, max_new_tokens, temperature, top_k
     return samples
 
 
+class TextStream:
+    """Prints one sample's story as its tokens arrive. sentencepiece only knows where spaces go
+    from context, so the text so far is decoded again and only its new end is printed."""
+
+    def __init__(self, tokenizer, prefix_ids):
+        self.tokenizer, self.ids, self.stopped = tokenizer, list(prefix_ids), False
+        self.stop_ids = (tokenizer.bos_id, tokenizer.eos_id)
+        self.text = tokenizer.decode(self.ids)
+
+    def __call__(self, step_tokens):
+        self.stopped = self.stopped or step_tokens[0] in self.stop_ids
+        if not self.stopped:
+            self.ids.append(step_tokens[0])
+            text = self.tokenizer.decode(self.ids)
+            print(text[len(self.text):], end="", flush=True)
+            self.text = text
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -149,24 +167,13 @@ def main(argv=None):
         check_prompt_length(model, [ids])  # before the prompt is echoed: a refused one prints nothing
         # a plain model's output continues the prompt, so show it; an instruct prompt is not story
         shown = [] if ckpt.is_instruct else ids
-        printed = [tokenizer.decode(shown)]
-        if args.num_samples == 1 and not ckpt.is_instruct and text:
-            print(printed[0], end="", flush=True)
-        stream = [tokenizer.bos_id, tokenizer.eos_id]
-        streamed = []
-
-        def show(step_tokens):
-            # sentencepiece only knows where spaces go from context: decode the whole story so far
-            if args.num_samples == 1 and step_tokens[0] not in stream:
-                streamed.append(step_tokens[0])
-                text_so_far = tokenizer.decode(shown + streamed)
-                print(text_so_far[len(printed[0]):], end="", flush=True)
-                printed[0] = text_so_far
-
+        stream = TextStream(tokenizer, shown) if args.num_samples == 1 else None
+        if stream and not ckpt.is_instruct and text:
+            print(stream.text, end="", flush=True)
         start = time.perf_counter()
         samples = sample_stories(model, tokenizer, [ids] * args.num_samples, args.max_new_tokens,
                                  args.temperature, args.top_k, args.top_p, args.seed,
-                                 use_cache=not args.no_kv_cache, on_token=show)
+                                 use_cache=not args.no_kv_cache, on_token=stream)
         seconds = time.perf_counter() - start
     except (UsageError, CheckpointError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)

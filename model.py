@@ -172,8 +172,18 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, targets=None, start_pos: Optional[int] = None, all_logits=False):
         """With targets: logits for every position and the mean cross entropy (ignoring -1).
-        Without: logits of the last position only (all of them if all_logits), loss None.
-        start_pos, set by prefill/decode_step, says where tokens go in the KV cache."""
+        Without: logits of the last position only (all of them if all_logits), loss None."""
+        h = self.hidden_states(tokens, start_pos)
+        if targets is not None:
+            logits = self.output(h)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+            return logits, loss
+        return self.output(h if all_logits else h[:, [-1], :]), None
+
+    def hidden_states(self, tokens, start_pos: Optional[int] = None):
+        """The final-norm outputs; start_pos (set by prefill/decode_step) is where the tokens go
+        in the KV cache."""
         seq = tokens.shape[1]
         offset = start_pos or 0
         if offset + seq > self.args.max_seq_len:
@@ -182,13 +192,7 @@ class Transformer(nn.Module):
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos)
-        h = self.norm(h)
-        if targets is not None:
-            logits = self.output(h)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
-            return logits, loss
-        return self.output(h if all_logits else h[:, [-1], :]), None
+        return self.norm(h)
 
     # ---- inference -------------------------------------------------------------------------
 
@@ -202,13 +206,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def prefill(self, tokens):
-        """Run the whole prompt through the model once, filling the cache; last logits."""
-        return self(tokens, start_pos=0)[0][:, -1, :]
+    def next_token_logits(self, h, classifier):
+        """Logits of the last position. classifier is output.weight laid out (dim, vocab): a
+        one-row product against that layout runs about 3x faster on a CPU than nn.Linear's."""
+        return h[:, -1, :] @ classifier
 
-    def decode_step(self, token, pos: int):
+    def prefill(self, tokens, classifier):
+        """Run the whole prompt through the model once, filling the cache; last logits."""
+        return self.next_token_logits(self.hidden_states(tokens, start_pos=0), classifier)
+
+    def decode_step(self, token, pos: int, classifier):
         """One new token per sample at position pos; returns its logits."""
-        return self(token, start_pos=pos)[0][:, -1, :]
+        return self.next_token_logits(self.hidden_states(token, start_pos=pos), classifier)
 
     @torch.inference_mode()
     def generate(self, prompt, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
@@ -221,15 +230,17 @@ class Transformer(nn.Module):
         stop = torch.tensor(list(stop_ids) or [-1], device=prompt.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
         tokens = prompt
+        classifier = self.output.weight.t().contiguous()  # a copy, for this call only
         if use_cache:
             self.setup_cache(batch, prompt_len + max_new_tokens - 1)
         try:
             for step in range(max_new_tokens):
-                if use_cache:
-                    pos = prompt_len + step - 1
-                    logits = self.prefill(prompt) if step == 0 else self.decode_step(tokens[:, -1:], pos)
+                if not use_cache:
+                    logits = self.next_token_logits(self.hidden_states(tokens), classifier)
+                elif step == 0:
+                    logits = self.prefill(prompt, classifier)
                 else:
-                    logits = self(tokens)[0][:, -1, :]
+                    logits = self.decode_step(tokens[:, -1:], prompt_len + step - 1, classifier)
                 nxt = sample(logits, temperature, top_k, top_p, generator)
                 nxt = torch.where(finished, tokens[:, -1], nxt)
                 finished |= torch.isin(nxt, stop)
