@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from model import ModelArgs, Transformer
+from tokenizer import Tokenizer, TokenizerError
 
 LLAMA2C_MAGIC = 0x616B3432  # "ak42"
 LLAMA2_VOCAB_SIZE = 32000
@@ -490,3 +491,21 @@ def find_tokenizer(ckpt: Checkpoint, override: Optional[str] = None) -> Optional
     candidates += [os.path.join(here, name), os.path.join(here, os.path.basename(ckpt.config.get("tokenizer", "") or name)),
                    os.path.join("data", name), name]
     return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+def load_tokenizer_for(ckpt: Checkpoint, override: Optional[str] = None) -> Tokenizer:
+    """The checkpoint's tokenizer (find_tokenizer), checked against the model's vocabulary."""
+    vocab = ckpt.model_args.vocab_size
+    path = find_tokenizer(ckpt, override)
+    if path is None:
+        raise CheckpointError(f"{ckpt.path}: no tokenizer found for it (looked for "
+                              f"{'tokenizer' if vocab == LLAMA2_VOCAB_SIZE else f'tok{vocab}'}.model beside it "
+                              f"and in data/); pass --tokenizer=PATH to a sentencepiece .model")
+    try:
+        tokenizer = Tokenizer(path)
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from None
+    if tokenizer.vocab_size != vocab:
+        raise CheckpointError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but {ckpt.path} "
+                              f"has a vocabulary of {vocab}; pass the matching --tokenizer")
+    return tokenizer

@@ -74,9 +74,9 @@ import torch
 
 from checkpoint import (LLAMA2_VOCAB_SIZE, LLAMA2C_MAGIC, CheckpointError, atomic_write,
                         find_tokenizer, hf_key_map, hf_permute_qk, llama2c_ffn_order,
-                        llama2c_matmul_order, load_checkpoint, model_args_dict, save_checkpoint)
+                        llama2c_matmul_order, load_checkpoint, load_tokenizer_for, model_args_dict,
+                        save_checkpoint)
 from model import Transformer
-from tokenizer import Tokenizer, TokenizerError
 
 FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-q8", "hf", "gguf", "pt")
 LLAMA2C_FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-q8")
@@ -451,21 +451,6 @@ def check_output(out, fmt, force):
             raise UsageError(f"{out}: is a folder; --format={fmt} writes a single file")
 
 
-def load_tokenizer(ckpt, override):
-    path = find_tokenizer(ckpt, override)
-    if path is None:
-        raise UsageError(f"{ckpt.path}: no tokenizer found for it (vocab {ckpt.model_args.vocab_size}); "
-                         f"pass --tokenizer=PATH to a sentencepiece .model")
-    try:
-        tokenizer = Tokenizer(path)
-    except TokenizerError as exc:
-        raise UsageError(str(exc)) from None
-    if tokenizer.vocab_size != ckpt.model_args.vocab_size:
-        raise UsageError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but {ckpt.path} has a "
-                         f"vocabulary of {ckpt.model_args.vocab_size}")
-    return tokenizer
-
-
 def check_weights(ckpt):
     """Every weight the model needs, in its shape, before anything is written: a .pt with odd
     keys fails here in one line instead of half-way through an export."""
@@ -491,7 +476,7 @@ def export(checkpoint, fmt, out, tokenizer_path=None, force=False) -> str:
         tokenizer_path = find_tokenizer(ckpt, tokenizer_path)
         save_checkpoint(out, project_checkpoint(ckpt, tokenizer_path))
         return f"wrote {out} (this project's checkpoint, {ckpt.kind} input)"
-    tokenizer = load_tokenizer(ckpt, tokenizer_path)
+    tokenizer = load_tokenizer_for(ckpt, tokenizer_path)
     if fmt in LLAMA2C_FORMATS:
         tokenizer_bin = llama2c_tokenizer_path(out, tokenizer.model_path)
         if os.path.abspath(tokenizer_bin) == os.path.abspath(out):

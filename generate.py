@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError, find_tokenizer, load_model
+from checkpoint import CheckpointError, load_model, load_tokenizer_for
 from prepare_instruct_data import build_prompt
 from tokenizer import Tokenizer, TokenizerError
 
@@ -98,15 +98,7 @@ def prompt_ids(tokenizer: Tokenizer, text: str, instruct: bool):
 def load_for_sampling(model_path, tokenizer_path, device, dtype):
     """(model, checkpoint, tokenizer) with the tokenizer checked against the model's vocab."""
     model, ckpt = load_model(model_path, device=device, dtype=DTYPES[dtype])
-    path = find_tokenizer(ckpt, tokenizer_path)
-    if path is None:
-        raise UsageError(f"no tokenizer found for {model_path} (looked for "
-                         f"tok{ckpt.model_args.vocab_size}.model beside it and in data/); pass --tokenizer=PATH")
-    tokenizer = Tokenizer(path)
-    if tokenizer.vocab_size != ckpt.model_args.vocab_size:
-        raise UsageError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but {model_path} "
-                         f"expects {ckpt.model_args.vocab_size}; pass the matching --tokenizer")
-    return model, ckpt, tokenizer
+    return model, ckpt, load_tokenizer_for(ckpt, tokenizer_path)
 
 
 def check_prompt_length(model, prompts):

@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -14,3 +15,13 @@ def shared_data():
     if not os.path.isfile(os.path.join(SHARED_DATA, "stories260K.pt")):
         pytest.skip("../shared/data (real stories260K model) is not present beside this checkout")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test models are tiny: a second thread buys nothing, and where the cores are shared
+    (CI, parallel jobs) OpenMP threads waiting for a busy core make them many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

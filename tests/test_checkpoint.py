@@ -2,7 +2,6 @@
 hostile and broken files, atomic saving; and the tokenizer's llama2.c export."""
 import os
 import pickle
-import shutil
 
 import pytest
 import torch
@@ -12,15 +11,6 @@ from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
 BOS = 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and much faster where the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def assert_one_line_error(path, exc_info):

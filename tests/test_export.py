@@ -51,16 +51,6 @@ def same_weights(a, b):
         assert torch.equal(a[key].float(), b[key].float()), key
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a busy 2-core machine, handing each small matmul between threads
-    costs ten times more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory):
     """A 320-piece sentencepiece BPE that, unlike tok512, keeps runs of spaces (as Llama 2's

@@ -18,15 +18,6 @@ BOS = 1
 SUMMARY = re.compile(r"generated (\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\b")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and much faster where the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_cli(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *map(str, args)],

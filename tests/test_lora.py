@@ -8,9 +8,9 @@ import torch
 import finetune_lora
 import train
 from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, model_args_dict
-from lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, merged_state_dict
+from lora import LoRALinear, apply_lora, merge_lora, merged_state_dict
 from model import ModelArgs, Transformer
-from test_train import VOCAB, one_thread, read_metrics, step_losses, tiny_config, write_instruct_shards  # noqa: F401
+from test_train import VOCAB, read_metrics, step_losses, tiny_config, write_instruct_shards
 
 
 def tiny_model(seed=0):

@@ -4,22 +4,11 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from docs_reference import greedy_story, hidden_dim_examples, model_table, param_counts
 from model import ModelArgs, Transformer, sample
 
 BOS = 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread buys nothing, and where the cores are shared
-    (CI, parallel jobs) OpenMP's spinning threads make them many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def random_model(seed=0, std=0.3, **overrides):

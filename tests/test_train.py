@@ -82,16 +82,6 @@ def step_losses(out_dir):
     return {r["iter"]: r["loss"] for r in read_metrics(out_dir) if not r.get("eval")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine OpenMP threads that
-    wait for a busy core make them ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def pretrain_dir(tmp_path):
     return write_pretrain_shards(str(tmp_path / "data"))
