@@ -54,6 +54,29 @@ class Checkpoint:
 # ---- reading ---------------------------------------------------------------------------------
 
 def load_checkpoint(path: str) -> Checkpoint:
+    ckpt = _read_checkpoint(path)
+    check_weights(ckpt)
+    return ckpt
+
+
+def check_weights(ckpt: Checkpoint):
+    """Every weight the model needs, in its shape, and nothing else: a file with odd keys fails
+    here in one line, whichever script reads it."""
+    expected = _shapes(ckpt.model_args)
+    expected["output.weight"] = expected["tok_embeddings.weight"]
+    for key, shape in expected.items():
+        if key not in ckpt.state_dict:
+            raise CheckpointError(f"{ckpt.path}: has no weight {key}")
+        if tuple(ckpt.state_dict[key].shape) != tuple(shape):
+            raise CheckpointError(f"{ckpt.path}: {key} is {tuple(ckpt.state_dict[key].shape)}, its "
+                                  f"model_args imply {tuple(shape)}")
+    unexpected = sorted(set(ckpt.state_dict) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{ckpt.path}: unexpected weights {', '.join(unexpected[:3])}"
+                              f"{' ...' if len(unexpected) > 3 else ''}")
+
+
+def _read_checkpoint(path: str) -> Checkpoint:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             return _read_hf_folder(path)
@@ -74,11 +97,7 @@ def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = None):
     """(Transformer in eval mode, Checkpoint) for any checkpoint kind load_checkpoint reads."""
     ckpt = load_checkpoint(path)
     model = Transformer(ckpt.model_args)
-    try:
-        model.load_state_dict(ckpt.state_dict, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise CheckpointError(f"{path}: weights do not fit the model it describes ({first[1].strip() if len(first) > 1 else first[0]})") from None
+    model.load_state_dict(ckpt.state_dict, strict=True)
     model.to(device=device, dtype=dtype).eval()
     return model, ckpt
 
@@ -127,7 +146,10 @@ def _read_torch(path) -> Checkpoint:
     extra = {k: v for k, v in obj.items() if k not in ("model", "model_args", "config")}
     config = obj.get("config") or {}
     if any(".parametrizations.weight." in k for k in state):
-        state = _merge_parametrized_lora(state, float(obj.get("lora_alpha", 1.0)))
+        try:
+            state = _merge_parametrized_lora(state, float(obj.get("lora_alpha", 1.0)))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: malformed LoRA parametrization ({type(exc).__name__}: {exc})") from None
         kind = "instruct_storyteller"
     else:
         kind = "project" if obj.get("kind") == "project" else "llama2c"
@@ -167,14 +189,19 @@ def _read_lora_adapter(path, obj) -> Checkpoint:
     if obj.get("base_sha256") and file_sha256(base_path) != obj["base_sha256"]:
         raise CheckpointError(f"{path}: base checkpoint {base_path} is not the one this adapter "
                               f"was trained on (sha256 differs)")
+    if os.path.abspath(base_path) == os.path.abspath(path):
+        raise CheckpointError(f"{path}: names itself as its base checkpoint")
     base = load_checkpoint(base_path)
     state = dict(base.state_dict)
-    adapters = obj["lora"]
-    for key in adapters:
-        if key.endswith(".lora_a"):
-            prefix = key.removesuffix(".lora_a")
-            state[f"{prefix}.weight"] = merge_lora_pair(state[f"{prefix}.weight"], adapters[key],
-                                                        adapters[f"{prefix}.lora_b"], float(obj["lora_alpha"]))
+    try:
+        adapters = obj["lora"]
+        for key in adapters:
+            if key.endswith(".lora_a"):
+                prefix = key.removesuffix(".lora_a")
+                state[f"{prefix}.weight"] = merge_lora_pair(state[f"{prefix}.weight"], adapters[key],
+                                                            adapters[f"{prefix}.lora_b"], float(obj["lora_alpha"]))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: malformed LoRA adapter ({type(exc).__name__}: {exc})") from None
     config = {**base.config, **(obj.get("config") or {})}
     extra = {k: v for k, v in obj.items() if k not in ("lora", "config")}
     return Checkpoint(path, "lora_adapter", base.model_args, state, config, extra)
@@ -236,7 +263,7 @@ def llama2c_ffn_order(n_layers):
     return order
 
 
-def _check_size(path, f, expected_end):
+def _check_size(path, expected_end):
     actual = os.path.getsize(path)
     if actual != expected_end:
         raise CheckpointError(f"{path}: llama2.c model file is {actual} bytes, its header implies "
@@ -265,7 +292,7 @@ def _read_llama2c_bin_v0(path) -> Checkpoint:
         hd = args.head_dim
         n_floats = sum(int(np.prod(s)) for s in shapes.values()) + args.max_seq_len * hd \
             + (0 if shared else args.vocab_size * args.dim)
-        _check_size(path, f, 28 + 4 * n_floats)
+        _check_size(path, 28 + 4 * n_floats)
 
         def read(key, shape=None):
             shape = shape or shapes.get(key, (args.vocab_size, args.dim))
@@ -308,7 +335,7 @@ def _read_llama2c_bin_versioned(path) -> Checkpoint:
             if not group_size or group_size <= 0 or any(np.prod(shapes[k]) % group_size for k in matmul_keys):
                 raise CheckpointError(f"{path}: bad Q8_0 group size {group_size}")
             expected = 256 + 4 * norm_numel + matmul_numel + 4 * (matmul_numel // group_size)
-        _check_size(path, f, expected)
+        _check_size(path, expected)
 
         def read(key):
             shape = shapes[key]

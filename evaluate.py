@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from generate import (DTYPES, OneLineParser, UsageError, check_sampling_args, load_for_sampling,
-                      prompt_ids, sample_stories)
+from generate import (DTYPES, OneLineParser, UsageError, check_device, check_sampling_args,
+                      load_for_sampling, prompt_ids, sample_stories)
 from prepare_instruct_data import build_prompt, canonical_feature
 from tinystories import DEMO_ADJECTIVES, DEMO_NOUNS, DEMO_VERBS, verb_forms
 from tokenizer import TokenizerError
@@ -83,8 +83,11 @@ def instruct_batches(tokens_path: str, seq_len: int, batch_size: int, max_exampl
 def text_file_tokens(path: str, tokenizer) -> np.ndarray:
     """Stories separated by <|endoftext|> lines, each stripped and encoded with BOS, as
     tinystories.py pretokenize does, then concatenated."""
-    with open(path, encoding="utf-8") as f:
-        stories = [s.strip() for s in f.read().split(STORY_SEPARATOR)]
+    try:
+        with open(path, encoding="utf-8") as f:
+            stories = [s.strip() for s in f.read().split(STORY_SEPARATOR)]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--data={path}: not a readable UTF-8 text file ({exc})") from None
     ids = [tok for s in stories if s for tok in tokenizer.encode(s, bos=True)]
     return np.array(ids, dtype=np.int64)
 
@@ -125,8 +128,10 @@ class Request:
 
 
 def requests_from_file(path: str) -> List[Request]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--prompts_file={path}: no such file")
     requests = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -162,13 +167,20 @@ def requests_from_shard(path: str, n: int, seed: int) -> List[Request]:
 
 def seen_word_triples(data_dir: str) -> set:
     """Every (verb, noun, adjective) in the training shards (data01 onwards) of a corpus."""
+    shards = sorted(glob.glob(os.path.join(data_dir, "TinyStories_all_data", "data*.json")))[1:]
+    if not shards:
+        raise UsageError(f"--held_out_from={data_dir}: no training shards TinyStories_all_data/data01.json...")
     seen = set()
-    for path in sorted(glob.glob(os.path.join(data_dir, "TinyStories_all_data", "data*.json")))[1:]:
-        with open(path, encoding="utf-8") as f:
-            for rec in json.load(f):
-                words = (rec.get("instruction") or {}).get("words")
-                if isinstance(words, list) and len(words) == 3:
-                    seen.add(tuple(w.lower() for w in words))
+    for path in shards:
+        try:
+            with open(path, encoding="utf-8") as f:
+                records = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--held_out_from: {path} is not a readable JSON shard ({exc})") from None
+        for rec in records:
+            words = (rec.get("instruction") or {}).get("words") if isinstance(rec, dict) else None
+            if isinstance(words, list) and len(words) == 3 and all(isinstance(w, str) for w in words):
+                seen.add(tuple(w.lower() for w in words))
     return seen
 
 
@@ -299,6 +311,7 @@ def main(argv=None):
         check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
         if not (args.data or args.prompts_file or args.num_prompts > 0):
             raise UsageError("nothing to do: give --data (loss) and/or --num_prompts / --prompts_file (instructions)")
+        check_device(args.device)
         model, ckpt, tokenizer = load_for_sampling(args.model_path, args.tokenizer, args.device, args.dtype)
         report = {"model_path": args.model_path, "tokenizer": tokenizer.model_path}
         if args.data:

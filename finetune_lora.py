@@ -35,7 +35,11 @@ class LoRATraining(train.FullTraining):
     def build(self, c, resume):
         check_lora_settings(c)
         if resume is not None:
-            self.base_path, expected_sha = resume.extra["base_checkpoint"], resume.extra["base_sha256"]
+            if "lora_state" not in resume.extra or "base_checkpoint" not in resume.extra:
+                raise train.ConfigError(f"init_from=resume: {resume.path} is not a LoRA run's last.pt")
+            self.base_path, expected_sha = resume.extra["base_checkpoint"], resume.extra.get("base_sha256")
+            if not os.path.isfile(self.base_path):
+                raise CheckpointError(f"{self.base_path}: the base checkpoint of this LoRA run is not found")
         elif c["init_from"] in ("", "scratch", "resume"):
             raise train.ConfigError("init_from: finetune_lora needs --init_from=PATH (the base checkpoint), "
                                     "or --init_from=resume to continue a LoRA run")
@@ -50,12 +54,15 @@ class LoRATraining(train.FullTraining):
         model.load_state_dict(base.state_dict)
         apply_lora(model, parse_targets(c["lora_targets"]), c["lora_rank"], c["lora_alpha"], c["lora_dropout"])
         if resume is not None:
+            saved = {k: resume.config.get(k) for k in ("lora_rank", "lora_targets")}
+            if saved != {"lora_rank": c["lora_rank"], "lora_targets": c["lora_targets"]}:
+                raise train.ConfigError(f"init_from=resume: this run used {saved}; resume with the same settings")
             model.load_state_dict(resume.extra["lora_state"], strict=False)
         return model
 
     def weights(self, model):
         return {"model": merged_state_dict(model), "lora_state": lora_state_dict(model),
-                "base_checkpoint": self.base_path, "base_sha256": self.base_sha256}
+                "base_checkpoint": os.path.abspath(self.base_path), "base_sha256": self.base_sha256}
 
     def after_save(self, model, c, path, is_best):
         if is_best:

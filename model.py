@@ -240,11 +240,12 @@ class Transformer(nn.Module):
                 elif step == 0:
                     logits = self.prefill(prompt, classifier)
                 else:
-                    logits = self.decode_step(tokens[:, -1:], prompt_len + step - 1, classifier)
+                    logits = self.decode_step(tokens, prompt_len + step - 1, classifier)
                 nxt = sample(logits, temperature, top_k, top_p, generator)
                 nxt = torch.where(finished, tokens[:, -1], nxt)
                 finished |= torch.isin(nxt, stop)
-                tokens = torch.cat((tokens, nxt[:, None]), dim=1)
+                # the cached path only ever feeds back the newest token
+                tokens = nxt[:, None] if use_cache else torch.cat((tokens, nxt[:, None]), dim=1)
                 yield nxt
                 if finished.all():
                     break

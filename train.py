@@ -258,6 +258,13 @@ def _to(tensor, device):
     return tensor
 
 
+def link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # filesystems without hard links
+        shutil.copyfile(src, dst)
+
+
 def data_folder(c):
     kind = "tok" if c["dataset"] == "pretrain" else "instruct"
     return os.path.join(c["data_dir"], f"{kind}{0 if c['vocab_source'] == 'llama2' else c['vocab_size']}")
@@ -413,7 +420,7 @@ def train(config, method=None) -> dict:
         metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a" if resume else "w")
         n_train = sum(p.numel() for p in params)
         print(f"{method.name}: {sum(p.numel() for p in model.parameters()):,} parameters ({n_train:,} trained), "
-              f"{c['dataset']} data from {train_data.folder}, {tokens_per_iter:,} tokens/iter, {world} process(es), "
+              f"{c['dataset']} data from {train_data.folder}, up to {tokens_per_iter:,} tokens/iter, {world} process(es), "
               f"{c['device']} {c['dtype']}{' compiled' if c['compile'] else ''}; MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 
     def log(row):
@@ -466,17 +473,18 @@ def train(config, method=None) -> dict:
                     best_val_loss = min(best_val_loss, losses["val"])
                     save(last_path, iter_num, loader_state, rng_state)
                     method.after_save(model, c, last_path, False)
-                    if is_best:  # best.pt and ckpt.pt: two names for one file
-                        atomic_write(best_path, lambda tmp: os.link(last_path, tmp))
-                        atomic_write(os.path.join(out_dir, "ckpt.pt"), lambda tmp: os.link(last_path, tmp))
+                    if is_best:  # best.pt and ckpt.pt: two names for one file (a copy where links fail)
+                        atomic_write(best_path, lambda tmp: link_or_copy(last_path, tmp))
+                        atomic_write(os.path.join(out_dir, "ckpt.pt"), lambda tmp: link_or_copy(last_path, tmp))
                         method.after_save(model, c, best_path, True)
             if iter_num >= c["max_iters"]:
                 break
             t0, lr = time.time(), get_lr(iter_num, c)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=c["device"])
+            loss_sum, iter_tokens = torch.zeros((), device=c["device"]), 0
             for micro, (x, y) in enumerate(sampler.iteration(c["device"])):
+                iter_tokens += x.numel()  # instruct batches are cut to their longest row
                 # DDP averages gradients once, on the last micro-step
                 with train_model.no_sync() if ddp and micro < accum - 1 else nullcontext():
                     with autocast:
@@ -499,7 +507,7 @@ def train(config, method=None) -> dict:
             bar.update(1)
             if iter_num % c["log_interval"] == 0 or iter_num == c["max_iters"]:
                 dt = time.time() - t0
-                tokens_per_s = tokens_per_iter / dt
+                tokens_per_s = iter_tokens * world / dt
                 mfu = model.estimate_mfu(tokens_per_s / world, peak)
                 log({"iter": iter_num, "loss": last_loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu, "time_ms": dt * 1000})
                 bar.set_postfix_str(f"loss {last_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s MFU {mfu:.1%}")

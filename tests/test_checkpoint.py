@@ -2,6 +2,7 @@
 hostile and broken files, atomic saving; and the tokenizer's llama2.c export."""
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -302,3 +303,28 @@ def test_tokenizer_round_trip_on_real_stories(shared_data):
     # BPE really compresses story text (a byte-level fallback everywhere would not)
     text = "\n".join(stories)
     assert len(tokenizer.encode(text)) < len(text.encode("utf-8")) / 2
+
+
+def test_weights_that_do_not_fit_model_args_are_refused_by_every_reader(tmp_path):
+    """Checked once in the loader, so train.py, finetune_lora.py and export.py all see one line."""
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, multiple_of=4, max_seq_len=8)
+    state = Transformer(args).state_dict()
+    wrong_shape = dict(state, **{"layers.0.attention.wq.weight": torch.zeros(8, 16)})
+    missing = {k: v for k, v in state.items() if k != "norm.weight"}
+    extra = dict(state, **{"layers.0.attention.bias": torch.zeros(16)})
+    for name, weights, fragment in (("shape", wrong_shape, "layers.0.attention.wq.weight is (8, 16)"),
+                                    ("missing", missing, "has no weight norm.weight"),
+                                    ("extra", extra, "unexpected weights layers.0.attention.bias")):
+        path = str(tmp_path / f"{name}.pt")
+        torch.save({"model": weights, "model_args": vars(args)}, path)
+        with pytest.raises(CheckpointError, match=re.escape(fragment)) as info:
+            load_checkpoint(path)
+        assert_one_line_error(path, info)
+
+
+def test_adapter_naming_itself_as_its_base_is_refused(tmp_path):
+    path = str(tmp_path / "adapter.pt")
+    torch.save({"kind": "lora_adapter", "base_checkpoint": path, "lora": {}, "lora_alpha": 1.0}, path)
+    with pytest.raises(CheckpointError, match="names itself") as info:
+        load_checkpoint(path)
+    assert_one_line_error(path, info)

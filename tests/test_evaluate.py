@@ -137,8 +137,13 @@ def test_cli_report_and_errors(shared_data, tmp_path):
     assert report["n_prompts"] == 2 and report["n_dialogue_prompts"] == 1
     assert "| requested words used |" in done.stdout
 
-    nothing = run_cli(f"--model_path={shared_data}/stories260K.pt")
-    bad_file = run_cli(f"--model_path={shared_data}/stories260K.pt", f"--prompts_file={tmp_path / 'eval.json'}")
-    for failed in (nothing, bad_file):
+    model = f"--model_path={shared_data}/stories260K.pt"
+    failures = [run_cli(model), run_cli(model, f"--prompts_file={tmp_path / 'eval.json'}"),
+                run_cli(model, f"--prompts_file={tmp_path / 'absent.jsonl'}"),
+                run_cli(model, "--num_prompts=3", f"--held_out_from={tmp_path}"),
+                run_cli(model, f"--data={tmp_path / 'absent.txt'}")]
+    if not torch.cuda.is_available():
+        failures.append(run_cli(model, "--data=x.txt", "--device=cuda"))
+    for failed in failures:
         assert failed.returncode == 2
         assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
