@@ -2,7 +2,7 @@
 # (tinystories.py make_demo; train_vocab --vocab_size=1024 --include_prompts;
 # prepare_instruct_data.py --vocab_size=1024 --max_seq_len=192).
 # The 2-core CPU: 1500 iterations in about 5 minutes; it then uses all three requested words in
-# about 98% of stories for held-out word triples (docs/benchmarks.md, "Quickstart").
+# 97-98% of stories for held-out word triples (docs/benchmarks.md, "Quickstart").
 dataset = "instruct"
 data_dir = "data"
 vocab_source = "custom"
