@@ -227,7 +227,7 @@ def _llama2c_args(path, header):
         raise CheckpointError(f"{path}: bad llama2.c header ({exc})") from None
 
 
-def _layer_keys(n_layers, suffix):
+def layer_keys(n_layers, suffix):
     return [f"layers.{i}.{suffix}" for i in range(n_layers)]
 
 
@@ -248,19 +248,32 @@ def _shapes(args: ModelArgs):
     return shapes
 
 
+# The order llama2.c's files hold the weights in, shared by the readers here and export.py.
+
 def llama2c_matmul_order(n_layers):
-    """The matmul weights in the order llama2.c versions 0-2 write them (after the embedding)."""
-    order = []
-    for name in ("attention.wq", "attention.wk", "attention.wv", "attention.wo"):
-        order += _layer_keys(n_layers, name + ".weight")
-    return order
+    """Attention matmul weights, all layers' wq, then all wk, wv, wo."""
+    return [key for name in ("wq", "wk", "wv", "wo") for key in layer_keys(n_layers, f"attention.{name}.weight")]
 
 
 def llama2c_ffn_order(n_layers):
-    order = []
-    for name in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
-        order += _layer_keys(n_layers, name + ".weight")
-    return order
+    return [key for name in ("w1", "w2", "w3") for key in layer_keys(n_layers, f"feed_forward.{name}.weight")]
+
+
+def llama2c_v0_order(n_layers):
+    """Version 0: everything float32 in layer-type order (the RoPE tables follow)."""
+    return (["tok_embeddings.weight"] + layer_keys(n_layers, "attention_norm.weight")
+            + llama2c_matmul_order(n_layers) + layer_keys(n_layers, "ffn_norm.weight")
+            + llama2c_ffn_order(n_layers) + ["norm.weight"])
+
+
+def llama2c_norm_order(n_layers):
+    """Versions 1 and 2: the norms first (float32 in both)..."""
+    return layer_keys(n_layers, "attention_norm.weight") + layer_keys(n_layers, "ffn_norm.weight") + ["norm.weight"]
+
+
+def llama2c_weight_order(n_layers):
+    """...then the matmul weights (float32 in version 1, Q8_0 in version 2)."""
+    return ["tok_embeddings.weight"] + llama2c_matmul_order(n_layers) + llama2c_ffn_order(n_layers)
 
 
 def _check_size(path, expected_end):
@@ -298,12 +311,7 @@ def _read_llama2c_bin_v0(path) -> Checkpoint:
             shape = shape or shapes.get(key, (args.vocab_size, args.dim))
             return _read_floats(f, int(np.prod(shape)), path).view(shape)
 
-        state = {"tok_embeddings.weight": read("tok_embeddings.weight")}
-        order = (_layer_keys(args.n_layers, "attention_norm.weight") + llama2c_matmul_order(args.n_layers)
-                 + _layer_keys(args.n_layers, "ffn_norm.weight") + llama2c_ffn_order(args.n_layers)
-                 + ["norm.weight"])
-        for key in order:
-            state[key] = read(key)
+        state = {key: read(key) for key in llama2c_v0_order(args.n_layers)}
         read("freqs", (args.max_seq_len, hd // 2))  # RoPE cos and sin tables: recomputed, not kept
         read("freqs", (args.max_seq_len, hd // 2))
         return _finish_bin(path, "llama2c_bin_v0", args, state, shared)
@@ -322,10 +330,8 @@ def _read_llama2c_bin_versioned(path) -> Checkpoint:
         shared = raw[36] == 1
         shapes = _shapes(args)
         group_size = struct.unpack("<i", raw[37:41])[0] if version == 2 else None
-        norm_keys = (_layer_keys(args.n_layers, "attention_norm.weight")
-                     + _layer_keys(args.n_layers, "ffn_norm.weight") + ["norm.weight"])
-        matmul_keys = (["tok_embeddings.weight"] + llama2c_matmul_order(args.n_layers)
-                       + llama2c_ffn_order(args.n_layers) + ([] if shared else ["output.weight"]))
+        norm_keys = llama2c_norm_order(args.n_layers)
+        matmul_keys = llama2c_weight_order(args.n_layers) + ([] if shared else ["output.weight"])
         shapes["output.weight"] = (args.vocab_size, args.dim)
         matmul_numel = sum(int(np.prod(shapes[k])) for k in matmul_keys)
         norm_numel = sum(int(np.prod(shapes[k])) for k in norm_keys)

@@ -73,26 +73,13 @@ import sys
 import torch
 
 from checkpoint import (LLAMA2_VOCAB_SIZE, LLAMA2C_MAGIC, CheckpointError, atomic_write,
-                        find_tokenizer, hf_key_map, hf_permute_qk, llama2c_ffn_order,
-                        llama2c_matmul_order, load_checkpoint, load_tokenizer_for, model_args_dict,
+                        find_tokenizer, hf_key_map, hf_permute_qk, llama2c_norm_order, llama2c_v0_order,
+                        llama2c_weight_order, load_checkpoint, load_tokenizer_for, model_args_dict,
                         save_checkpoint)
-from model import Transformer
+from generate import OneLineParser, UsageError
 
 FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-q8", "hf", "gguf", "pt")
 LLAMA2C_FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-q8")
-
-
-class UsageError(Exception):
-    """Bad command-line input or input file: reported in one line, exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def per_layer(n_layers, suffix):
-    return [f"layers.{i}.{suffix}" for i in range(n_layers)]
 
 
 def float32_bytes(tensor) -> bytes:
@@ -124,25 +111,13 @@ def llama2c_versioned_header(args, version, group_size=None) -> bytes:
 
 
 def write_llama2c_v0(path, args, state):
-    order = (["tok_embeddings.weight"] + per_layer(args.n_layers, "attention_norm.weight")
-             + llama2c_matmul_order(args.n_layers) + per_layer(args.n_layers, "ffn_norm.weight")
-             + llama2c_ffn_order(args.n_layers) + ["norm.weight"])
     cos, sin = llama2c_rope_tables(args.head_dim, args.max_seq_len)
     with open(path, "wb") as f:
         f.write(llama2c_config_ints(args))
-        for key in order:
+        for key in llama2c_v0_order(args.n_layers):
             f.write(float32_bytes(state[key]))
         f.write(float32_bytes(cos))
         f.write(float32_bytes(sin))
-
-
-def llama2c_norm_order(n_layers):
-    return (per_layer(n_layers, "attention_norm.weight") + per_layer(n_layers, "ffn_norm.weight")
-            + ["norm.weight"])
-
-
-def llama2c_weight_order(n_layers):
-    return ["tok_embeddings.weight"] + llama2c_matmul_order(n_layers) + llama2c_ffn_order(n_layers)
 
 
 def write_llama2c_v1(path, args, state):
