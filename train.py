@@ -230,8 +230,11 @@ class InstructRows(_Shards):
     for BOS, story and EOS: the model learns to answer a prompt, not to write prompts."""
 
     def __init__(self, folder, files, max_len):
-        self.tokens = [np.load(f, mmap_mode="r") for f in files]
-        self.lengths = [np.load(f.replace(".tokens.npy", ".lengths.npy")) for f in files]
+        try:
+            self.tokens = [np.load(f, mmap_mode="r") for f in files]
+            self.lengths = [np.load(f.replace(".tokens.npy", ".lengths.npy")) for f in files]
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{folder}: unreadable instruct shard ({exc})") from None
         if any(t.ndim != 2 or len(t) != len(n) for t, n in zip(self.tokens, self.lengths)):
             raise DataError(f"{folder}: tokens and lengths files do not match (expected (n, L) and (n, 2))")
         self.seq_len = min(self.tokens[0].shape[1] - 1, max_len)
@@ -280,6 +283,8 @@ def open_dataset(c, split, model_max_len):
                         f"prepare the {c['dataset']} data for vocab_size={c['vocab_size']} first")
     if c["dataset"] == "pretrain":
         return TokenWindows(folder, files, min(c["max_seq_len"], model_max_len))
+    if not os.path.isfile(os.path.join(folder, "meta.json")):
+        raise DataError(f"{folder}: no meta.json, so prepare_instruct_data.py did not finish there; run it again")
     rows = InstructRows(folder, files, min(c["max_seq_len"], model_max_len))
     if rows.seq_len < rows.tokens[0].shape[1] - 1 and split == "train":
         print(f"note: instruct rows hold {rows.tokens[0].shape[1] - 1} positions; cropped to {rows.seq_len} "

@@ -1,4 +1,5 @@
 """lora.py and finetune_lora.py: adapters, merging, adapter files, fine-tuning a real model."""
+import json
 import os
 
 import numpy as np
@@ -201,6 +202,8 @@ def write_story_instruct_data(shared_data, data_dir, width=513, n_val=32):
     for name, part in (("data00", slice(0, n_val)), ("data01", slice(n_val, None))):
         np.save(os.path.join(folder, f"{name}.tokens.npy"), tokens[part])
         np.save(os.path.join(folder, f"{name}.lengths.npy"), lengths[part])
+    with open(os.path.join(folder, "meta.json"), "w") as f:  # what a finished prepare_instruct_data leaves
+        json.dump({"vocab_size": 512, "max_seq_len": width}, f)
     return len(rows)
 
 

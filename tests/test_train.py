@@ -183,6 +183,17 @@ def test_missing_data_is_a_one_line_error(tmp_path, capsys):
     assert "no train shards" in err and len(err.strip().splitlines()) == 1
 
 
+def test_unfinished_instruct_data_is_refused(tmp_path, capsys):
+    """prepare_instruct_data.py writes meta.json last: without it the shards may be half-written."""
+    data_dir = write_instruct_shards(str(tmp_path / "d"))
+    os.remove(os.path.join(data_dir, f"instruct{VOCAB}", "meta.json"))
+    c = tiny_config(data_dir, tmp_path / "out", dataset="instruct")
+    argv = [f"--{k}={v}" for k, v in c.items() if k in ("data_dir", "vocab_source", "vocab_size", "out_dir", "dataset")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no meta.json" in err and len(err.strip().splitlines()) == 1
+
+
 # ---- training -----------------------------------------------------------------------------------
 
 def test_loss_falls_and_outputs_are_written(pretrain_dir, tmp_path):
