@@ -515,15 +515,15 @@ def find_tokenizer(ckpt: Checkpoint, override: Optional[str] = None) -> Optional
     the checkpoint, in data/ or in the working folder."""
     if override:
         return override
-    candidates = []
-    if ckpt.config.get("tokenizer"):
-        candidates.append(ckpt.config["tokenizer"])
     vocab = ckpt.model_args.vocab_size
-    name = "tokenizer.model" if vocab == LLAMA2_VOCAB_SIZE else f"tok{vocab}.model"
     here = os.path.dirname(os.path.abspath(ckpt.path))
-    candidates += [os.path.join(here, name), os.path.join(here, os.path.basename(ckpt.config.get("tokenizer", "") or name)),
-                   os.path.join("data", name), name]
-    return next((c for c in candidates if c and os.path.isfile(c)), None)
+    names = ["tokenizer.model" if vocab == LLAMA2_VOCAB_SIZE else f"tok{vocab}.model"]
+    named = ckpt.config.get("tokenizer")
+    if named:
+        names.append(os.path.basename(named))  # a checkpoint copied along with its tokenizer
+    candidates = ([named] if named else []) + [os.path.join(here, n) for n in names] + \
+        [os.path.join("data", names[0]), names[0]]
+    return next((c for c in candidates if os.path.isfile(c)), None)
 
 
 def load_tokenizer_for(ckpt: Checkpoint, override: Optional[str] = None) -> Tokenizer:

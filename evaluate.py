@@ -51,7 +51,7 @@ def mean_loss(model, batches) -> tuple:
     total, count = 0.0, 0
     device = model.tok_embeddings.weight.device
     for x, y in batches:
-        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        x, y = x.to(device), y.to(device)
         n = int((y != -1).sum())
         if n:
             total += float(model(x, y)[1]) * n
@@ -67,7 +67,7 @@ def stream_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens
     for start in range(0, n_windows, batch_size):
         rows = [np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], dtype=np.int64)
                 for i in range(start, min(start + batch_size, n_windows))]
-        block = np.stack(rows)
+        block = torch.from_numpy(np.stack(rows))
         yield block[:, :-1], block[:, 1:]
 
 
@@ -76,8 +76,7 @@ def instruct_batches(tokens_path: str, seq_len: int, batch_size: int, max_exampl
     rows = InstructRows(os.path.dirname(tokens_path), [tokens_path], seq_len)
     n = min(len(rows), max_examples)
     for start in range(0, n, batch_size):
-        x, y = rows.get(np.arange(start, min(start + batch_size, n)), "cpu")
-        yield x.numpy(), y.numpy()
+        yield rows.get(np.arange(start, min(start + batch_size, n)), "cpu")
 
 
 def text_file_tokens(path: str, tokenizer) -> np.ndarray:
