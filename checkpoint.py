@@ -12,7 +12,6 @@
 Nothing is unpickled beyond tensors and plain containers (`weights_only=True`), so a hostile
 file can fail to load but never run code.
 """
-import hashlib
 import json
 import os
 import pickle
@@ -25,15 +24,17 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from cli import UsageError, atomic_write, file_sha256
+from data_paths import LLAMA2_VOCAB_SIZE, tokenizer_file_name, vocab_source
+from lora import merge_adapters, merge_parametrized_lora
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, TokenizerError
 
 LLAMA2C_MAGIC = 0x616B3432  # "ak42"
-LLAMA2_VOCAB_SIZE = 32000
 
 
-class CheckpointError(Exception):
-    """A file that cannot be read as a checkpoint; the message names the file."""
+class CheckpointError(UsageError):
+    """A file that cannot be read as a checkpoint; the message names the file (exit code 2)."""
 
 
 @dataclass
@@ -147,35 +148,13 @@ def _read_torch(path) -> Checkpoint:
     config = obj.get("config") or {}
     if any(".parametrizations.weight." in k for k in state):
         try:
-            state = _merge_parametrized_lora(state, float(obj.get("lora_alpha", 1.0)))
+            state = merge_parametrized_lora(state, float(obj.get("lora_alpha", 1.0)))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: malformed LoRA parametrization ({type(exc).__name__}: {exc})") from None
         kind = "instruct_storyteller"
     else:
         kind = "project" if obj.get("kind") == "project" else "llama2c"
     return Checkpoint(path, kind, args, state, config, extra)
-
-
-def _merge_parametrized_lora(state, alpha):
-    """Fold `X.parametrizations.weight.{original,0.lora_a,0.lora_b}` into `X.weight`. The rank
-    comes from lora_a's shape: the original project stored settings it did not use."""
-    merged = {}
-    for key, value in state.items():
-        if key.endswith(".parametrizations.weight.original"):
-            prefix = key.removesuffix(".parametrizations.weight.original")
-            lora_a = state[f"{prefix}.parametrizations.weight.0.lora_a"]
-            lora_b = state[f"{prefix}.parametrizations.weight.0.lora_b"]
-            merged[f"{prefix}.weight"] = merge_lora_pair(value, lora_a, lora_b, alpha)
-        elif ".parametrizations.weight.0." not in key:
-            merged[key] = value
-    return merged
-
-
-def merge_lora_pair(weight, lora_a, lora_b, alpha):
-    """W + (B @ A) * alpha / rank, computed in float32."""
-    rank = lora_a.shape[0]
-    delta = (lora_b.float() @ lora_a.float()) * (alpha / rank)
-    return (weight.float() + delta).to(weight.dtype)
 
 
 def _read_lora_adapter(path, obj) -> Checkpoint:
@@ -192,14 +171,8 @@ def _read_lora_adapter(path, obj) -> Checkpoint:
     if os.path.abspath(base_path) == os.path.abspath(path):
         raise CheckpointError(f"{path}: names itself as its base checkpoint")
     base = load_checkpoint(base_path)
-    state = dict(base.state_dict)
     try:
-        adapters = obj["lora"]
-        for key in adapters:
-            if key.endswith(".lora_a"):
-                prefix = key.removesuffix(".lora_a")
-                state[f"{prefix}.weight"] = merge_lora_pair(state[f"{prefix}.weight"], adapters[key],
-                                                            adapters[f"{prefix}.lora_b"], float(obj["lora_alpha"]))
+        state = merge_adapters(base.state_dict, obj["lora"], float(obj["lora_alpha"]))
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: malformed LoRA adapter ({type(exc).__name__}: {exc})") from None
     config = {**base.config, **(obj.get("config") or {})}
@@ -288,8 +261,7 @@ def _finish_bin(path, kind, args, state, shared):
         raise CheckpointError(f"{path}: has an unshared classifier; this project's model ties "
                               f"output to the token embedding")
     state["output.weight"] = state["tok_embeddings.weight"]
-    config = {"vocab_source": "llama2" if args.vocab_size == LLAMA2_VOCAB_SIZE else "custom",
-              "vocab_size": args.vocab_size}
+    config = {"vocab_source": vocab_source(args.vocab_size), "vocab_size": args.vocab_size}
     return Checkpoint(path, kind, args, state, config, {})
 
 
@@ -470,27 +442,13 @@ def _read_hf_folder(path) -> Checkpoint:
             raise CheckpointError(f"{path}: layer {i} q_proj/k_proj shapes do not fit config.json") from None
     state["output.weight"] = state["tok_embeddings.weight"]
     tokenizer = os.path.join(path, "tokenizer.model")
-    ckpt_config = {"vocab_source": "llama2" if args.vocab_size == LLAMA2_VOCAB_SIZE else "custom",
-                   "vocab_size": args.vocab_size}
+    ckpt_config = {"vocab_source": vocab_source(args.vocab_size), "vocab_size": args.vocab_size}
     if os.path.isfile(tokenizer):
         ckpt_config["tokenizer"] = tokenizer
     return Checkpoint(path, "hf", args, state, ckpt_config, {"hf_config": config})
 
 
 # ---- writing ---------------------------------------------------------------------------------
-
-def atomic_write(path: str, write_fn):
-    """Call write_fn(tmp_path), then rename over path: readers never see a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def save_checkpoint(path: str, checkpoint: dict):
     """Atomically torch.save a checkpoint dict (model, model_args as a plain dict, config...)."""
@@ -501,14 +459,6 @@ def model_args_dict(args: ModelArgs) -> dict:
     return asdict(args)
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def find_tokenizer(ckpt: Checkpoint, override: Optional[str] = None) -> Optional[str]:
     """The tokenizer a checkpoint was trained with: --tokenizer if given, else the path its
     config names, else tok{N}.model (custom vocab) or tokenizer.model (Llama 2 vocab) next to
@@ -517,7 +467,7 @@ def find_tokenizer(ckpt: Checkpoint, override: Optional[str] = None) -> Optional
         return override
     vocab = ckpt.model_args.vocab_size
     here = os.path.dirname(os.path.abspath(ckpt.path))
-    names = ["tokenizer.model" if vocab == LLAMA2_VOCAB_SIZE else f"tok{vocab}.model"]
+    names = [tokenizer_file_name(vocab)]
     named = ckpt.config.get("tokenizer")
     if named:
         names.append(os.path.basename(named))  # a checkpoint copied along with its tokenizer
@@ -532,7 +482,7 @@ def load_tokenizer_for(ckpt: Checkpoint, override: Optional[str] = None) -> Toke
     path = find_tokenizer(ckpt, override)
     if path is None:
         raise CheckpointError(f"{ckpt.path}: no tokenizer found for it (looked for "
-                              f"{'tokenizer' if vocab == LLAMA2_VOCAB_SIZE else f'tok{vocab}'}.model beside it "
+                              f"{tokenizer_file_name(vocab)} beside it "
                               f"and in data/); pass --tokenizer=PATH to a sentencepiece .model")
     try:
         tokenizer = Tokenizer(path)

@@ -10,7 +10,7 @@
 Instruction following: each prompt asks for a verb, a noun and an adjective (and maybe
 features). A story uses a word when one of its lower-cased words is: for the verb, the base
 form or a regular inflection (climb, climbs, climbed, climbing; hop -> hopped, carry ->
-carried: tinystories.verb_forms); for the noun, the noun or its regular plural; for the
+carried: demo_corpus.verb_forms); for the noun, the noun or its regular plural; for the
 adjective, the adjective itself. A Dialogue story must contain quoted speech ("..." or curly
 quotes). Irregular forms (ran, went) do not count.
 """
@@ -31,13 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, atomic_write
-from generate import (DTYPES, OneLineParser, UsageError, check_device, check_sampling_args,
-                      load_for_sampling, prompt_ids, sample_stories)
-from prepare_instruct_data import build_prompt, canonical_feature
-from tinystories import DEMO_ADJECTIVES, DEMO_NOUNS, DEMO_VERBS, verb_forms
-from tokenizer import TokenizerError
-from train import InstructRows
+from cli import DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, write_json
+from dataset import InstructRows
+from demo_corpus import DEMO_ADJECTIVES, DEMO_NOUNS, DEMO_VERBS, verb_forms
+from generate import check_sampling_args, load_for_sampling, sample_stories
+from prompts import FEATURE_PHRASES, build_prompt, canonical_feature, prompt_ids
 
 STORY_SEPARATOR = "<|endoftext|>"
 QUOTED_SPEECH = re.compile(r'"[^"\n]{2,}"|\u201c[^\u201d\n]{2,}\u201d')
@@ -195,7 +193,7 @@ def held_out_requests(n: int, seed: int, seen: set) -> List[Request]:
         used.add(triple)
         features = ["Dialogue"] if rng.random() < 0.5 else []
         if rng.random() < 0.25:
-            features.append(rng.choice(["BadEnding", "Conflict", "Twist", "MoralValue", "Foreshadowing"]))
+            features.append(rng.choice([f for f in FEATURE_PHRASES if f != "Dialogue"]))
         requests.append(Request(*triple, features))
     return requests
 
@@ -259,11 +257,6 @@ def summarize(results: list) -> dict:
             "hit_max_new_tokens_rate": share("hit_max_new_tokens", results)}
 
 
-def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-
-
 def print_table(report: dict):
     rows = [("validation loss", "val_loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
             ("prompts", "n_prompts", "{}"), ("requested words used", "word_rate", "{:.1%}"),
@@ -298,8 +291,8 @@ def build_parser():
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     return p
 
 
@@ -331,11 +324,10 @@ def main(argv=None):
             report.update(summarize(results))
             report["sampling"] = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}
             report["samples"] = results
-    except (UsageError, CheckpointError, TokenizerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:  # the loader's and the tokenizer's errors are usage errors too
+        return report_error(exc)
     if args.report:
-        atomic_write(args.report, lambda tmp: write_json(tmp, report))
+        write_json(args.report, report, indent=1)
     print_table(report)
     print(f"evaluated {args.model_path} in {time.perf_counter() - start:.1f} s"
           + (f"; report in {args.report}" if args.report else ""))

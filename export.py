@@ -64,7 +64,6 @@ An existing output is never replaced without --force; every file is written unde
 name and renamed (a folder likewise), so a reader never sees half an export.
 """
 import argparse
-import json
 import os
 import shutil
 import struct
@@ -72,11 +71,11 @@ import sys
 
 import torch
 
-from checkpoint import (LLAMA2_VOCAB_SIZE, LLAMA2C_MAGIC, CheckpointError, atomic_write,
-                        find_tokenizer, hf_key_map, hf_permute_qk, llama2c_norm_order, llama2c_v0_order,
-                        llama2c_weight_order, load_checkpoint, load_tokenizer_for, model_args_dict,
-                        save_checkpoint)
-from generate import OneLineParser, UsageError
+from checkpoint import (LLAMA2C_MAGIC, find_tokenizer, hf_key_map, hf_permute_qk, llama2c_norm_order,
+                        llama2c_v0_order, llama2c_weight_order, load_checkpoint, load_tokenizer_for,
+                        model_args_dict, save_checkpoint)
+from cli import OneLineParser, UsageError, atomic_write, report_error, write_json
+from data_paths import vocab_source
 
 FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-q8", "hf", "gguf", "pt")
 LLAMA2C_FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-q8")
@@ -273,33 +272,27 @@ def hf_tokenizer_json(tokenizer):
     }
 
 
-def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
 def write_hf_folder(folder, args, state, tokenizer):
     from safetensors.torch import save_file
 
     weights_path, config_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
     save_file(hf_state_dict(args, state), weights_path, metadata={"format": "pt"})
-    write_json(config_path, hf_config(args, tokenizer))
+    write_json(config_path, hf_config(args, tokenizer), indent=2)
     shutil.copymode(config_path, weights_path)  # safetensors creates its file private (0600)
     write_json(os.path.join(folder, "generation_config.json"),
-               {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
+               {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}, indent=2)
     shutil.copyfile(tokenizer.model_path, os.path.join(folder, "tokenizer.model"))
-    write_json(os.path.join(folder, "tokenizer.json"), hf_tokenizer_json(tokenizer))
+    write_json(os.path.join(folder, "tokenizer.json"), hf_tokenizer_json(tokenizer), indent=2)
     sp = tokenizer.sp
     special = {"bos_token": sp.id_to_piece(tokenizer.bos_id), "eos_token": sp.id_to_piece(tokenizer.eos_id),
                "unk_token": sp.id_to_piece(sp.unk_id())}
-    write_json(os.path.join(folder, "special_tokens_map.json"), special)
+    write_json(os.path.join(folder, "special_tokens_map.json"), special, indent=2)
     write_json(os.path.join(folder, "tokenizer_config.json"),
                {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": True,
                 "add_eos_token": False, "model_max_length": args.max_seq_len,
                 # "<s>" typed in text is text, as for sentencepiece; BOS comes from add_bos_token
                 "split_special_tokens": True,
-                "clean_up_tokenization_spaces": False})
+                "clean_up_tokenization_spaces": False}, indent=2)
 
 
 def atomic_write_folder(path, write_fn):
@@ -398,7 +391,7 @@ def project_checkpoint(ckpt, tokenizer_path):
     state["output.weight"] = state["tok_embeddings.weight"]  # tied: torch.save stores it once
     config = dict(ckpt.config)
     config["vocab_size"] = ckpt.model_args.vocab_size
-    config["vocab_source"] = "llama2" if ckpt.model_args.vocab_size == LLAMA2_VOCAB_SIZE else "custom"
+    config["vocab_source"] = vocab_source(ckpt.model_args.vocab_size)
     if tokenizer_path:
         config["tokenizer"] = os.path.abspath(tokenizer_path)
     return {"kind": "project", "model": state, "model_args": model_args_dict(ckpt.model_args),
@@ -457,12 +450,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         print(export(args.checkpoint, args.format, args.out, args.tokenizer, args.force))
-    except (UsageError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:
+        return report_error(exc)
     except (OSError, ImportError) as exc:  # a full disk, a read-only folder, gguf not installed
-        print(f"error: exporting {args.checkpoint} to {args.out} failed: {exc}", file=sys.stderr)
-        return 1
+        return report_error(f"exporting {args.checkpoint} to {args.out} failed: {exc}")
     return 0
 
 

@@ -12,16 +12,17 @@ last.pt (merged too, plus the unmerged adapter and optimizer state that --init_f
 import os
 import sys
 
-from checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+import train
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cli import UsageError, file_sha256
 from lora import apply_lora, lora_state_dict, merged_state_dict, parse_targets
 from model import Transformer
-import train
 
 DEFAULTS = {
     **train.DEFAULTS,
     "out_dir": "out/lora", "init_from": "", "dataset": "instruct",
     "max_seq_len": 1024,  # the instruct rows' width or the model's limit, whichever is shorter
-    # the original project's LoRA run (formats.md section 7), at a CPU-sized batch
+    # the original project's LoRA run (docs/formats.md, "The original instruct storyteller"), at a CPU-sized batch
     "batch_size": 32, "gradient_accumulation_steps": 1, "learning_rate": 5e-4, "max_iters": 5000,
     "weight_decay": 0.0, "warmup_iters": 100, "eval_interval": 250, "eval_iters": 20,
     "lora_rank": 2, "lora_alpha": 1.0, "lora_dropout": 0.0, "lora_targets": "wq,wk,wv,wo",
@@ -32,56 +33,56 @@ class LoRATraining(train.FullTraining):
     """Base weights frozen, adapters trained; checkpoints hold the merged model."""
     name = "finetune_lora"
 
-    def build(self, c, resume):
-        check_lora_settings(c)
+    def build(self, cfg, resume):
+        check_lora_settings(cfg)
         if resume is not None:
             if "lora_state" not in resume.extra or "base_checkpoint" not in resume.extra:
-                raise train.ConfigError(f"init_from=resume: {resume.path} is not a LoRA run's last.pt")
+                raise UsageError(f"init_from=resume: {resume.path} is not a LoRA run's last.pt")
             self.base_path, expected_sha = resume.extra["base_checkpoint"], resume.extra.get("base_sha256")
             if not os.path.isfile(self.base_path):
                 raise CheckpointError(f"{self.base_path}: the base checkpoint of this LoRA run is not found")
-        elif c["init_from"] in ("", "scratch", "resume"):
-            raise train.ConfigError("init_from: finetune_lora needs --init_from=PATH (the base checkpoint), "
+        elif cfg["init_from"] in ("", "scratch", "resume"):
+            raise UsageError("init_from: finetune_lora needs --init_from=PATH (the base checkpoint), "
                                     "or --init_from=resume to continue a LoRA run")
         else:
-            self.base_path, expected_sha = c["init_from"], None
+            self.base_path, expected_sha = cfg["init_from"], None
         self.base_sha256 = file_sha256(self.base_path) if os.path.isfile(self.base_path) else None
         if expected_sha and self.base_sha256 != expected_sha:
             raise CheckpointError(f"{self.base_path}: changed since this LoRA run started (sha256 differs)")
         base = load_checkpoint(self.base_path)
-        base.model_args.dropout = c["dropout"]
+        base.model_args.dropout = cfg["dropout"]
         model = Transformer(base.model_args)
         model.load_state_dict(base.state_dict)
-        apply_lora(model, parse_targets(c["lora_targets"]), c["lora_rank"], c["lora_alpha"], c["lora_dropout"])
+        apply_lora(model, parse_targets(cfg["lora_targets"]), cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"])
         if resume is not None:
             saved = {k: resume.config.get(k) for k in ("lora_rank", "lora_targets")}
-            if saved != {"lora_rank": c["lora_rank"], "lora_targets": c["lora_targets"]}:
-                raise train.ConfigError(f"init_from=resume: this run used {saved}; resume with the same settings")
+            if saved != {"lora_rank": cfg["lora_rank"], "lora_targets": cfg["lora_targets"]}:
+                raise UsageError(f"init_from=resume: this run used {saved}; resume with the same settings")
             model.load_state_dict(resume.extra["lora_state"], strict=False)
         return model
 
-    def weights(self, model):
+    def checkpoint_weights(self, model):
         return {"model": merged_state_dict(model), "lora_state": lora_state_dict(model),
                 "base_checkpoint": os.path.abspath(self.base_path), "base_sha256": self.base_sha256}
 
-    def after_save(self, model, c, path, is_best):
+    def after_save(self, model, cfg, path, is_best):
         if is_best:
-            save_checkpoint(os.path.join(c["out_dir"], "adapter.pt"), {
-                "kind": "lora_adapter", "lora": lora_state_dict(model), "lora_rank": c["lora_rank"],
-                "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
-                "lora_targets": parse_targets(c["lora_targets"]), "base_checkpoint": os.path.abspath(self.base_path),
-                "base_sha256": self.base_sha256, "config": c})
+            save_checkpoint(os.path.join(cfg["out_dir"], "adapter.pt"), {
+                "kind": "lora_adapter", "lora": lora_state_dict(model), "lora_rank": cfg["lora_rank"],
+                "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
+                "lora_targets": parse_targets(cfg["lora_targets"]), "base_checkpoint": os.path.abspath(self.base_path),
+                "base_sha256": self.base_sha256, "config": cfg})
 
 
-def check_lora_settings(c):
-    if c["lora_rank"] < 1:
-        raise train.ConfigError(f"lora_rank={c['lora_rank']}: expected an integer >= 1")
-    if c["lora_alpha"] <= 0 or not 0 <= c["lora_dropout"] < 1:
-        raise train.ConfigError("lora_alpha must be > 0 and lora_dropout in [0, 1)")
+def check_lora_settings(cfg):
+    if cfg["lora_rank"] < 1:
+        raise UsageError(f"lora_rank={cfg['lora_rank']}: expected an integer >= 1")
+    if cfg["lora_alpha"] <= 0 or not 0 <= cfg["lora_dropout"] < 1:
+        raise UsageError("lora_alpha must be > 0 and lora_dropout in [0, 1)")
     try:
-        parse_targets(c["lora_targets"])
+        parse_targets(cfg["lora_targets"])
     except ValueError as exc:
-        raise train.ConfigError(str(exc)) from None
+        raise UsageError(str(exc)) from None
 
 
 def main(argv=None):

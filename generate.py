@@ -9,20 +9,9 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError, load_model, load_tokenizer_for
-from prepare_instruct_data import build_prompt
-from tokenizer import Tokenizer, TokenizerError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from checkpoint import load_model, load_tokenizer_for
+from cli import DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, torch_dtype
+from prompts import build_prompt, prompt_ids
 
 
 def build_parser():
@@ -40,8 +29,8 @@ def build_parser():
     p.add_argument("--num_samples", type=int, default=1, help="sampled together as one batch")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     p.add_argument("--no_kv_cache", action="store_true", help="recompute the whole context each step")
     return p
 
@@ -55,18 +44,6 @@ def check_sampling_args(temperature, top_k, top_p, max_new_tokens=1, num_samples
         raise UsageError(f"--top_p={top_p}: expected a number in (0, 1]")
     if max_new_tokens < 1 or num_samples < 1:
         raise UsageError("--max_new_tokens and --num_samples must be >= 1")
-
-
-def check_device(name):
-    """A bad --device would otherwise surface as a traceback from deep inside model.to()."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device={name}: not a device (expected cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device={name}: this PyTorch sees no CUDA GPU; use --device=cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device={name}: MPS is not available here; use --device=cpu")
 
 
 def prompt_text(args) -> str:
@@ -85,19 +62,9 @@ def prompt_text(args) -> str:
         raise UsageError(f"--features: {exc}") from None
 
 
-def prompt_ids(tokenizer: Tokenizer, text: str, instruct: bool):
-    """How the model saw text before a story in training: plain models read BOS then the text;
-    instruct models read the prompt, then BOS opens the story."""
-    if not text:
-        return [tokenizer.bos_id]
-    if instruct:
-        return tokenizer.encode(text) + [tokenizer.bos_id]
-    return tokenizer.encode(text, bos=True)
-
-
 def load_for_sampling(model_path, tokenizer_path, device, dtype):
     """(model, checkpoint, tokenizer) with the tokenizer checked against the model's vocab."""
-    model, ckpt = load_model(model_path, device=device, dtype=DTYPES[dtype])
+    model, ckpt = load_model(model_path, device=device, dtype=torch_dtype(dtype))
     return model, ckpt, load_tokenizer_for(ckpt, tokenizer_path)
 
 
@@ -167,9 +134,8 @@ def main(argv=None):
                                  args.temperature, args.top_k, args.top_p, args.seed,
                                  use_cache=not args.no_kv_cache, on_token=stream)
         seconds = time.perf_counter() - start
-    except (UsageError, CheckpointError, TokenizerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:  # the loader's and the tokenizer's errors are usage errors too
+        return report_error(exc)
     if args.num_samples == 1:
         print()
     else:

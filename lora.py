@@ -3,8 +3,9 @@
 A LoRALinear keeps the base weight as `weight` (the name nn.Linear gives it), so a base
 checkpoint loads into an adapted model unchanged, and adds `lora_a` (rank x in) and `lora_b`
 (out x rank):  y = x W^T + (dropout(x) A^T B^T) * alpha / rank.  lora_b starts at zero, so a
-freshly adapted model computes exactly what its base did. checkpoint.merge_lora_pair applies
-the same formula when it loads an adapter file, so the two can never disagree.
+freshly adapted model computes exactly what its base did. checkpoint.py applies
+the same formula (merge_lora_pair, below) when it loads an adapter file or the original
+instruct storyteller's unmerged parametrizations, so the two can never disagree.
 """
 import math
 from typing import Dict, Iterable, List
@@ -13,10 +14,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import merge_lora_pair
-
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")
 TARGETABLE = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # `output` is tied to the embedding
+
+
+def merge_lora_pair(weight, lora_a, lora_b, alpha):
+    """W + (B @ A) * alpha / rank, computed in float32."""
+    rank = lora_a.shape[0]
+    delta = (lora_b.float() @ lora_a.float()) * (alpha / rank)
+    return (weight.float() + delta).to(weight.dtype)
+
+
+def merge_adapters(state: Dict[str, torch.Tensor], adapters: Dict[str, torch.Tensor], alpha: float):
+    """A base state dict with an adapter file's `X.lora_a` / `X.lora_b` pairs folded into `X.weight`."""
+    merged = dict(state)
+    for key in adapters:
+        if key.endswith(".lora_a"):
+            prefix = key.removesuffix(".lora_a")
+            merged[f"{prefix}.weight"] = merge_lora_pair(state[f"{prefix}.weight"], adapters[key],
+                                                         adapters[f"{prefix}.lora_b"], alpha)
+    return merged
+
+
+def merge_parametrized_lora(state: Dict[str, torch.Tensor], alpha: float):
+    """Fold the original instruct storyteller's torch parametrizations,
+    `X.parametrizations.weight.{original,0.lora_a,0.lora_b}`, into `X.weight`. The rank comes
+    from lora_a's shape: that project stored settings it did not use."""
+    merged = {}
+    for key, value in state.items():
+        if key.endswith(".parametrizations.weight.original"):
+            prefix = key.removesuffix(".parametrizations.weight.original")
+            lora_a = state[f"{prefix}.parametrizations.weight.0.lora_a"]
+            lora_b = state[f"{prefix}.parametrizations.weight.0.lora_b"]
+            merged[f"{prefix}.weight"] = merge_lora_pair(value, lora_a, lora_b, alpha)
+        elif ".parametrizations.weight.0." not in key:
+            merged[key] = value
+    return merged
 
 
 class LoRALinear(nn.Module):

@@ -1,13 +1,12 @@
 """Instruction-tuning data: (prompt, story) examples from the TinyStories `instruction`
-metadata, plus the one prompt builder that data preparation, generation and evaluation all
-use, so training and sampling prompts never drift apart.
+metadata, worded by prompts.py (the one prompt builder generation and evaluation use too).
 
     python prepare_instruct_data.py --vocab_size=N [--data_dir=data] [--prompt_style=template]
                                     [--max_seq_len=350] [--workers=CPUS] [--tokenizer=PATH]
 
-Prompts: --prompt_style=template (default) is build_prompt(words[0], words[1], words[2],
-features); --prompt_style=original rewrites the record's GPT prompt as the original instruct
-storyteller did (rewrite_original_prompt). The tokenizer is {data_dir}/tok{N}.model, or for
+Prompts: --prompt_style=template (default) is prompts.build_prompt(words[0], words[1],
+words[2], features); --prompt_style=original rewrites the record's GPT prompt as the original
+instruct storyteller did (prompts.rewrite_original_prompt). The tokenizer is {data_dir}/tok{N}.model, or for
 --vocab_size=0 the sentencepiece model given by --tokenizer (e.g. Llama 2's tokenizer.model).
 
 On-disk format, in {data_dir}/instruct{N}/, for every shard dataNN.json:
@@ -25,102 +24,21 @@ or the padding. Examples longer than max_seq_len are dropped (counted), never tr
 import os
 import sys
 from collections import Counter
-from typing import Iterable, Optional
 
 import numpy as np
 
-from tinystories import (DataError, OneLineArgumentParser, ShardError, iter_json_records, list_shards,
-                         positive_int, resolve_tokenizer, run_shard_jobs, vocab_size_arg,
-                         worker_peak_rss_mb, worker_tokenizer, write_json_atomic)
-
-# TinyStories feature name -> the phrase the README-style template uses
-FEATURE_PHRASES = {
-    "Dialogue": "it should contain a dialogue",
-    "BadEnding": "it should have a bad ending",
-    "Conflict": "it should have a conflict",
-    "Foreshadowing": "it should use foreshadowing",
-    "Twist": "it should have a plot twist",
-    "MoralValue": "it should teach a moral value",
-}
-_FEATURE_LOOKUP = {name.lower().replace("_", ""): name for name in FEATURE_PHRASES}
+from cli import DataError, OneLineParser, atomic_write, positive_int, report_error, vocab_size_arg, write_json
+from data_paths import instruct_dir
+from prompts import PROMPT_STYLES, SKIP_REASONS, prompt_ids, record_prompt_and_story
+from shards import (ShardError, iter_json_records, list_shards, resolve_tokenizer, run_shard_jobs,
+                    worker_peak_rss_mb, worker_tokenizer)
 
 
-def canonical_feature(name: str) -> str:
-    """'dialogue', 'bad_ending', 'BadEnding' -> the TinyStories spelling; ValueError otherwise."""
-    key = name.strip().lower().replace("_", "").replace("-", "").replace(" ", "")
-    if key not in _FEATURE_LOOKUP:
-        raise ValueError(f"unknown feature {name!r} (expected one of {', '.join(FEATURE_PHRASES)})")
-    return _FEATURE_LOOKUP[key]
-
-
-def build_prompt(verb: str, noun: str, adjective: str, features: Optional[Iterable[str]] = ()) -> str:
-    """The README prompt: 'Write a story. In the story, try to use the verb "climb", the noun
-    "ring" and the adjective "messy". The story has the following features: it should contain
-    a dialogue. Possible story:' (the features sentence is left out when there are none)."""
-    prompt = (f'Write a story. In the story, try to use the verb "{verb}", the noun "{noun}" '
-              f'and the adjective "{adjective}".')
-    phrases = [FEATURE_PHRASES[canonical_feature(f)] for f in (features or ())]
-    if phrases:
-        prompt += " The story has the following features: " + ", ".join(phrases) + "."
-    return prompt + " Possible story:"
-
-
-def rewrite_original_prompt(gpt_prompt: str) -> str:
-    """The original instruct storyteller's rewriting of a TinyStories GPT prompt, in its order."""
-    text = gpt_prompt.replace(
-        "Write a short story (3-5 paragraphs) which only uses very simple words that a 3 year "
-        "old child would understand.", "Write a story.")
-    text = text.replace(" Remember to only use simple words!", "")
-    text = text.replace("\n\nPossible story:", "")
-    text = text.replace("try to at some point use", "try to use")
-    return text + " Possible story:"
-
-
-# -----------------------------------------------------------------------------
-# records -> examples
-
-PROMPT_STYLES = ("template", "original")
-SKIP_REASONS = ("not_a_record", "no_story", "empty_story", "no_instruction", "bad_words",
-                "bad_features", "unknown_feature", "no_prompt")
-
-
-def record_prompt_and_story(record, prompt_style):
-    """(prompt, stripped story, None) for a usable record, else (None, None, skip reason)."""
-    if not isinstance(record, dict):
-        return None, None, "not_a_record"
-    story = record.get("story")
-    if not isinstance(story, str):
-        return None, None, "no_story"
-    story = story.strip()
-    if not story:
-        return None, None, "empty_story"
-    instruction = record.get("instruction")
-    if not isinstance(instruction, dict):
-        return None, None, "no_instruction"
-    if prompt_style == "original":
-        gpt_prompt = instruction.get("prompt:")
-        if not isinstance(gpt_prompt, str) or not gpt_prompt.strip():
-            return None, None, "no_prompt"
-        return rewrite_original_prompt(gpt_prompt), story, None
-    words = instruction.get("words")
-    if (not isinstance(words, list) or len(words) != 3
-            or not all(isinstance(w, str) and w.strip() for w in words)):
-        return None, None, "bad_words"
-    features = instruction.get("features")
-    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
-        return None, None, "bad_features"
-    try:
-        prompt = build_prompt(words[0].strip(), words[1].strip(), words[2].strip(), features)
-    except ValueError:
-        return None, None, "unknown_feature"
-    return prompt, story, None
-
-
-def write_npy_atomic(path, array):
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:  # a file object, so np.save keeps the name as given
-        np.save(f, array)
-    os.replace(tmp, path)
+def save_npy(path, array):
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object, so np.save keeps the name as given
+            np.save(f, array)
+    atomic_write(path, write)
 
 
 def prepare_shard(shard_path, tokenizer_path, out_dir, prompt_style, max_seq_len):
@@ -144,28 +62,27 @@ def prepare_shard(shard_path, tokenizer_path, out_dir, prompt_style, max_seq_len
                 if reason:
                     counts["skipped_" + reason] += 1
                     continue
-                prompt_ids = tok.encode(prompt)
-                ids = prompt_ids + [tok.bos_id] + tok.encode(story) + [tok.eos_id]
+                prompt_part = prompt_ids(tok, prompt, instruct=True)  # the prompt, then BOS
+                ids = prompt_part + tok.encode(story) + [tok.eos_id]
                 if len(ids) > max_seq_len:
                     counts["dropped_too_long"] += 1
                     continue
                 row[:] = 0
                 row[:len(ids)] = ids
                 raw.write(row.tobytes())
-                lengths.append((len(prompt_ids), len(ids)))
+                lengths.append((len(prompt_part) - 1, len(ids)))
         n_examples = len(lengths)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint16)), "fortran_order": False,
                   "shape": (n_examples, max_seq_len)}
-        with open(f"{tokens_path}.tmp", "wb") as out, open(raw_tmp, "rb") as raw:
-            np.lib.format.write_array_header_1_0(out, header)
-            while block := raw.read(1 << 22):
-                out.write(block)
-        write_npy_atomic(lengths_path, np.asarray(lengths, dtype=np.int32).reshape(n_examples, 2))
-        os.replace(f"{tokens_path}.tmp", tokens_path)
+
+        def write_tokens(tmp):
+            with open(tmp, "wb") as out, open(raw_tmp, "rb") as raw:
+                np.lib.format.write_array_header_1_0(out, header)
+                while block := raw.read(1 << 22):
+                    out.write(block)
+        save_npy(lengths_path, np.asarray(lengths, dtype=np.int32).reshape(n_examples, 2))
+        atomic_write(tokens_path, write_tokens)
     except Exception as exc:
-        for tmp in (raw_tmp, f"{tokens_path}.tmp", f"{lengths_path}.tmp"):
-            if os.path.exists(tmp):
-                os.remove(tmp)
         raise ShardError(f"{shard}: {exc}") from None
     finally:
         if os.path.exists(raw_tmp):
@@ -180,7 +97,7 @@ def prepare_instruct_data(data_dir, vocab_size, prompt_style="template", max_seq
 
     shards = list_shards(data_dir)
     tokenizer_path = resolve_tokenizer(data_dir, vocab_size, tokenizer_path)
-    out_dir = os.path.join(data_dir, f"instruct{vocab_size}")
+    out_dir = instruct_dir(data_dir, vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
@@ -207,12 +124,12 @@ def prepare_instruct_data(data_dir, vocab_size, prompt_style="template", max_seq
         "skipped": {reason: totals["skipped_" + reason] for reason in SKIP_REASONS if totals["skipped_" + reason]},
         "per_shard": {os.path.splitext(r["shard"])[0]: r["counts"] for r in results},
     }
-    write_json_atomic(meta_path, meta, indent=2)
+    write_json(meta_path, meta, indent=2)
     return out_dir, meta
 
 
 def main(argv=None):
-    parser = OneLineArgumentParser(prog="prepare_instruct_data.py",
+    parser = OneLineParser(prog="prepare_instruct_data.py",
                                    description="Tokenize TinyStories instruction examples for fine-tuning")
     parser.add_argument("--vocab_size", type=vocab_size_arg, required=True,
                         help="tokenizer {data_dir}/tok{N}.model; 0 = the --tokenizer model")
@@ -233,11 +150,9 @@ def main(argv=None):
         out_dir, meta = prepare_instruct_data(args.data_dir, args.vocab_size, args.prompt_style,
                                               args.max_seq_len, args.workers, args.tokenizer)
     except ShardError as exc:
-        print(f"error: prepare_instruct_data failed on shard {exc}", file=sys.stderr)
-        return 1
+        return report_error(DataError(f"prepare_instruct_data failed on shard {exc}"))
     except (DataError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_error(exc)
     skipped = ", ".join(f"{reason} {n}" for reason, n in meta["skipped"].items())
     print(f"prepare_instruct_data: {meta['records']} records -> {meta['examples']} examples "
           f"(val {meta['val_examples']}, train {meta['train_examples']}) in {out_dir}; "

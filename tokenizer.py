@@ -2,7 +2,6 @@
 
     python tokenizer.py --tokenizer=data/tok4096.model     # writes data/tok4096.bin
 """
-import argparse
 import os
 import struct
 import sys
@@ -10,9 +9,11 @@ from typing import List
 
 from sentencepiece import SentencePieceProcessor
 
+from cli import OneLineParser, UsageError, atomic_write, report_error
 
-class TokenizerError(Exception):
-    pass
+
+class TokenizerError(UsageError):
+    """A tokenizer file that is missing or is not a sentencepiece model."""
 
 
 class Tokenizer:
@@ -53,22 +54,21 @@ class Tokenizer:
         body = bytearray(struct.pack("<I", max(len(b) for b, _ in pieces)))
         for data, score in pieces:
             body += struct.pack("<fI", score, len(data)) + data
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(body)
-        os.replace(tmp, path)
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(body)
+        atomic_write(path, write)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Export a sentencepiece model to llama2.c's tokenizer.bin")
+    parser = OneLineParser(description="Export a sentencepiece model to llama2.c's tokenizer.bin")
     parser.add_argument("--tokenizer", required=True, help="path to a sentencepiece .model")
     parser.add_argument("--out", help="output path (default: the model path with .bin)")
     args = parser.parse_args(argv)
     try:
         tok = Tokenizer(args.tokenizer)
     except TokenizerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     out = args.out or os.path.splitext(args.tokenizer)[0] + ".bin"
     tok.export(out)
     print(f"wrote {out} ({tok.vocab_size} tokens)")

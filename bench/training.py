@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import train  # noqa: E402
+from cli import torch_dtype  # noqa: E402
 from lora import apply_lora  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -41,7 +42,7 @@ def make_step(shape, vocab, seq, dtype, compile_model, lora=False, device="cpu")
     optimizer = model.configure_optimizers(0.1, 5e-4, (0.9, 0.95), device.split(":")[0])
     params = [p for p in model.parameters() if p.requires_grad]
     run = torch.compile(model) if compile_model else model
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=train.DTYPES[dtype])
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=torch_dtype(dtype))
 
     def step(x, y):
         with autocast:
@@ -80,7 +81,7 @@ def cpu_throughput(batch, seq, vocab, steps, rounds, with_compile):
     for _ in range(rounds):
         for name, (model, step) in steps_fns.items():
             best[name] = min(best[name], timed(step, x, y, steps, "cpu"))
-    peaks = {d: train.measure_matmul_flops("cpu", train.DTYPES[d], seconds=1.0) for d in ("float32", "bfloat16")}
+    peaks = {d: train.measure_matmul_flops("cpu", torch_dtype(d), seconds=1.0) for d in ("float32", "bfloat16")}
     model = steps_fns["float32 eager"][0]
     print(f"\nstories15M shape, vocab {vocab}, batch {batch} x {seq} ({model.flops_per_token() / 1e6:.0f} MFLOP/token); "
           f"measured matmul peak: float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
@@ -114,10 +115,10 @@ def lora_vs_full(batch, seq, vocab, steps, rounds):
 MEM_RUN = """
 import resource, sys
 sys.path.insert(0, {root!r})
-import torch, train
+import dataset, torch, train
 torch.set_num_threads(1)
 if {no_release}:
-    train._release_pages = lambda array: None
+    dataset._release_pages = lambda array: None
 c = dict(train.DEFAULTS, data_dir={data!r}, out_dir={out!r}, vocab_source="custom", vocab_size=512, dim=32,
          n_layers=2, n_heads=4, n_kv_heads=4, multiple_of=8, max_seq_len=256, batch_size=8,
          gradient_accumulation_steps=1, max_iters={iters}, eval_interval=100000, eval_iters=1,

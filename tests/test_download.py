@@ -11,6 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import cli
+import demo_corpus
 import tinystories
 
 ARCHIVE_PATH = "/TinyStories_all_data.tar.gz"
@@ -33,7 +35,7 @@ def make_tar_gz(members):
 def demo_archive(tmp_path_factory):
     """(archive bytes, {shard name: shard bytes}) for a small demo corpus."""
     data_dir = tmp_path_factory.mktemp("demo_source")
-    paths = tinystories.make_demo(str(data_dir), num_shards=2, stories_per_shard=40, seed=7)
+    paths = demo_corpus.make_demo(str(data_dir), num_shards=2, stories_per_shard=40, seed=7)
     shards = {os.path.basename(p): open(p, "rb").read() for p in paths}
     # like the real archive: dataNN.json at the top level
     archive = make_tar_gz([(tarfile.TarInfo(name), data) for name, data in shards.items()])
@@ -266,7 +268,7 @@ def test_unsafe_members_are_refused_by_name(tmp_path, kind, name, linkname):
     archive.write_bytes(make_tar_gz([(tarfile.TarInfo("ok.json"), b"[]"),
                                      (info, b"x" if kind == "file" else None)]))
     target = tmp_path / "out" / "TinyStories_all_data"
-    with pytest.raises(tinystories.DataError, match=re.escape(repr(name))):
+    with pytest.raises(cli.DataError, match=re.escape(repr(name))):
         tinystories.unpack_archive(str(archive), str(target))
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 

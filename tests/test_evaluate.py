@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import demo_corpus
 import evaluate
-import tinystories
 from checkpoint import load_model
 from evaluate import Request, score_story
 from tests.conftest import ROOT
@@ -67,7 +67,7 @@ def test_held_out_prompts_avoid_every_training_triple(tmp_path):
     requests = evaluate.held_out_requests(200, seed=3, seen=seen)
     assert len({(r.verb, r.noun, r.adjective) for r in requests}) == 200
     assert not {(r.verb, r.noun, r.adjective) for r in requests} & seen
-    assert all(r.verb in tinystories.DEMO_VERBS for r in requests)
+    assert all(r.verb in demo_corpus.DEMO_VERBS for r in requests)
     assert 0.3 < sum("Dialogue" in r.features for r in requests) / 200 < 0.7
 
 

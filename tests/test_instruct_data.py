@@ -7,9 +7,11 @@ import random
 import numpy as np
 import pytest
 
+import demo_corpus
 import prepare_instruct_data as pid
+import prompts
 import tinystories
-from prepare_instruct_data import build_prompt, rewrite_original_prompt
+from prompts import build_prompt, rewrite_original_prompt
 from tokenizer import Tokenizer
 
 
@@ -70,7 +72,7 @@ def template_prompt(record):
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("instruct") / "data"
-    tinystories.make_demo(str(data_dir), num_shards=2, stories_per_shard=120, seed=11)
+    demo_corpus.make_demo(str(data_dir), num_shards=2, stories_per_shard=120, seed=11)
     assert tinystories.main(["train_vocab", "--vocab_size=384", f"--data_dir={data_dir}"]) == 0
     return data_dir
 
@@ -184,11 +186,11 @@ def test_real_stories_with_synthetic_instructions(shared_data, tmp_path):
     rng = random.Random(1)
     records = []
     for story in stories:
-        words = [rng.choice(tinystories.DEMO_VERBS), rng.choice(tinystories.DEMO_NOUNS),
-                 rng.choice(tinystories.DEMO_ADJECTIVES)]
-        features = rng.sample(sorted(pid.FEATURE_PHRASES), rng.randint(0, 2))
+        words = [rng.choice(demo_corpus.DEMO_VERBS), rng.choice(demo_corpus.DEMO_NOUNS),
+                 rng.choice(demo_corpus.DEMO_ADJECTIVES)]
+        features = rng.sample(sorted(prompts.FEATURE_PHRASES), rng.randint(0, 2))
         records.append({"story": "\n\n" + story.strip(), "instruction": {
-            "prompt:": tinystories.gpt_prompt(*words, features), "words": words, "features": features}})
+            "prompt:": prompts.gpt_prompt(*words, features), "words": words, "features": features}})
     data_dir = tmp_path / "data"
     write_shards(data_dir, [records[:50], records[50:]])
     given = os.path.join(shared_data, "tok512.model")
@@ -243,6 +245,6 @@ def test_prompt_builder_is_unchanged():
     assert build_prompt("climb", "ring", "messy", ["dialogue"]) == (
         'Write a story. In the story, try to use the verb "climb", the noun "ring" and the adjective '
         '"messy". The story has the following features: it should contain a dialogue. Possible story:')
-    assert rewrite_original_prompt(tinystories.gpt_prompt("hang", "foot", "cute", ["Dialogue"])) == (
+    assert rewrite_original_prompt(prompts.gpt_prompt("hang", "foot", "cute", ["Dialogue"])) == (
         'Write a story. The story should use the verb "hang", the noun "foot" and the adjective "cute". '
         'The story has the following features: the story should contain at least one dialogue. Possible story:')

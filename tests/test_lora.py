@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+import dataset
 import finetune_lora
 import train
-from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, model_args_dict
+from checkpoint import CheckpointError, load_checkpoint, load_model, model_args_dict, save_checkpoint
 from lora import LoRALinear, apply_lora, merge_lora, merged_state_dict
 from model import ModelArgs, Transformer
 from test_train import VOCAB, read_metrics, step_losses, tiny_config, write_instruct_shards
@@ -180,7 +181,7 @@ def test_finetune_cli_errors_are_one_line(argv, needle, capsys):
 
 def write_story_instruct_data(shared_data, data_dir, width=513, n_val=32):
     """Instruct rows built with the project's prompt builder from real TinyStories stories."""
-    from prepare_instruct_data import build_prompt
+    from prompts import build_prompt
     from tokenizer import Tokenizer
     tok = Tokenizer(os.path.join(shared_data, "tok512.model"))
     with open(os.path.join(shared_data, "tinystories_valid_head.txt")) as f:
@@ -246,11 +247,11 @@ def test_original_projects_lora_checkpoint_is_a_base(shared_data, tmp_path):
     assert first_eval["iter"] == 0
     # evaluated on the very weights the loader produced: the same loss from the plain model
     c = stories260K_config(shared_data, tmp_path / "data", out, base)
-    val = train.open_dataset(dict(c, vocab_source="custom", vocab_size=512), "val", 512)
+    val = dataset.open_dataset(dict(c, vocab_source="custom", vocab_size=512), "val", 512)
     assert val.seq_len == 192
     losses = []
     with torch.no_grad():
-        for rows in train.fixed_batches(val, c["eval_iters"], c["batch_size"], c["seed"] + 2):
+        for rows in dataset.fixed_batches(val, c["eval_iters"], c["batch_size"], c["seed"] + 2):
             losses.append(base_model(*val.get(rows, "cpu"))[1].item())
     assert first_eval["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     adapter = load_checkpoint(str(out / "adapter.pt"))

@@ -10,6 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+import demo_corpus
+import prompts
+import shards
 import tinystories
 from tokenizer import Tokenizer
 
@@ -31,7 +34,7 @@ def write_shards(data_dir, shards):
 
 
 def stories_of(data_dir):
-    return [[r["story"] for r in json.load(open(p))] for p in tinystories.list_shards(str(data_dir))]
+    return [[r["story"] for r in json.load(open(p))] for p in shards.list_shards(str(data_dir))]
 
 
 def decoded_stories(bin_path, tok):
@@ -62,29 +65,29 @@ def test_verb_forms_follow_regular_spelling_rules():
         "climb": {"climb", "climbs", "climbed", "climbing"},
     }
     for verb, forms in expected.items():
-        assert tinystories.verb_forms(verb) == forms, verb
+        assert demo_corpus.verb_forms(verb) == forms, verb
 
 
 def test_word_lists_are_large_simple_and_regular():
-    lists = {"verbs": tinystories.DEMO_VERBS, "nouns": tinystories.DEMO_NOUNS,
-             "adjectives": tinystories.DEMO_ADJECTIVES}
+    lists = {"verbs": demo_corpus.DEMO_VERBS, "nouns": demo_corpus.DEMO_NOUNS,
+             "adjectives": demo_corpus.DEMO_ADJECTIVES}
     for kind, words in lists.items():
         assert len(words) >= 200, kind
         assert len(set(words)) == len(words), kind
         assert all(re.fullmatch(r"[a-z]{2,12}", w) for w in words), kind
-    for verb in tinystories.DEMO_VERBS:
-        forms = tinystories.verb_forms(verb)
+    for verb in demo_corpus.DEMO_VERBS:
+        forms = demo_corpus.verb_forms(verb)
         assert len(forms) == 4, verb
         assert sum(f.endswith("ed") for f in forms) >= 1 and sum(f.endswith("ing") for f in forms) >= 1
 
 
 def test_templates_never_use_list_words_themselves():
     # a list word in a story must come from the instruction, or "uses the verb" means nothing
-    words = (set(tinystories.DEMO_NOUNS) | set(tinystories.DEMO_ADJECTIVES)
-             | {f for v in tinystories.DEMO_VERBS for f in tinystories.verb_forms(v)})
-    fixed = [re.sub(r"\{\w+\}", " ", t) for t in tinystories.ALL_DEMO_TEMPLATES]
-    fixed += [f"{name} {kind}" for name, kind, _ in tinystories.DEMO_HEROES]
-    fixed += tinystories.DEMO_FRIENDS + tinystories.DEMO_PLACES
+    words = (set(demo_corpus.DEMO_NOUNS) | set(demo_corpus.DEMO_ADJECTIVES)
+             | {f for v in demo_corpus.DEMO_VERBS for f in demo_corpus.verb_forms(v)})
+    fixed = [re.sub(r"\{\w+\}", " ", t) for t in demo_corpus.ALL_DEMO_TEMPLATES]
+    fixed += [f"{name} {kind}" for name, kind, _ in demo_corpus.DEMO_HEROES]
+    fixed += demo_corpus.DEMO_FRIENDS + demo_corpus.DEMO_PLACES
     used = set(re.findall(r"[a-z]+", " ".join(fixed).lower()))
     assert used & words == set()
 
@@ -92,7 +95,7 @@ def test_templates_never_use_list_words_themselves():
 @pytest.fixture(scope="module")
 def demo_records():
     rng = random.Random(2024)
-    return [tinystories.demo_record(rng) for _ in range(3000)]
+    return [demo_corpus.demo_record(rng) for _ in range(3000)]
 
 
 def test_demo_stories_use_the_three_words(demo_records):
@@ -100,17 +103,17 @@ def test_demo_stories_use_the_three_words(demo_records):
         verb, noun, adjective = record["instruction"]["words"]
         story_words = set(re.findall(r"[a-z']+", record["story"].lower()))
         assert noun in story_words and adjective in story_words, record
-        assert tinystories.verb_forms(verb) & story_words, record
-        assert verb in tinystories.DEMO_VERBS and noun in tinystories.DEMO_NOUNS
-        assert adjective in tinystories.DEMO_ADJECTIVES
+        assert demo_corpus.verb_forms(verb) & story_words, record
+        assert verb in demo_corpus.DEMO_VERBS and noun in demo_corpus.DEMO_NOUNS
+        assert adjective in demo_corpus.DEMO_ADJECTIVES
 
 
 def test_demo_features_change_the_story(demo_records):
-    counts = {feature: 0 for feature in tinystories.DEMO_FEATURE_MARKERS}
+    counts = {feature: 0 for feature in demo_corpus.DEMO_FEATURE_MARKERS}
     for record in demo_records:
         features = record["instruction"]["features"]
         assert len(features) <= 2 and len(set(features)) == len(features)
-        for feature, marker in tinystories.DEMO_FEATURE_MARKERS.items():
+        for feature, marker in demo_corpus.DEMO_FEATURE_MARKERS.items():
             present = re.search(marker, record["story"], flags=re.IGNORECASE) is not None
             assert present == (feature in features), (feature, record["story"])
             counts[feature] += feature in features
@@ -159,7 +162,7 @@ def test_make_demo_writes_the_archive_format_deterministically(tmp_path, capsys)
         assert f'the verb "{verb}", the noun "{noun}" and the adjective "{adjective}".' in prompt
         assert prompt.endswith(" Remember to only use simple words!\n\nPossible story:")
         assert ("The story has the following features:" in prompt) == bool(r["instruction"]["features"])
-        assert set(r["instruction"]["features"]) <= set(tinystories.GPT_FEATURE_PHRASES)
+        assert set(r["instruction"]["features"]) <= set(prompts.GPT_FEATURE_PHRASES)
 
 
 # -----------------------------------------------------------------------------
@@ -171,9 +174,9 @@ def test_iter_json_records_matches_json_load_across_chunk_borders(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps(records, indent=1))
     for chunk in (1, 3, 7, 64, 1 << 20):
-        assert list(tinystories.iter_json_records(str(path), chunk_chars=chunk)) == records
+        assert list(shards.iter_json_records(str(path), chunk_chars=chunk)) == records
     path.write_text("  [ ]  ")
-    assert list(tinystories.iter_json_records(str(path), chunk_chars=2)) == []
+    assert list(shards.iter_json_records(str(path), chunk_chars=2)) == []
 
 
 @pytest.mark.parametrize("text, message", [
@@ -187,7 +190,7 @@ def test_iter_json_records_rejects_broken_files(tmp_path, text, message):
     path = tmp_path / "bad.json"
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
-        list(tinystories.iter_json_records(str(path), chunk_chars=4))
+        list(shards.iter_json_records(str(path), chunk_chars=4))
 
 
 # -----------------------------------------------------------------------------
@@ -196,7 +199,7 @@ def test_iter_json_records_rejects_broken_files(tmp_path, text, message):
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("demo") / "data"
-    tinystories.make_demo(str(data_dir), num_shards=3, stories_per_shard=150, seed=3)
+    demo_corpus.make_demo(str(data_dir), num_shards=3, stories_per_shard=150, seed=3)
     return data_dir
 
 
@@ -220,9 +223,9 @@ def test_train_vocab_and_pretokenize_on_demo_corpus(demo_data, capsys):
 def test_train_vocab_include_prompts_shortens_the_instructions(tmp_path):
     """--include_prompts spends pieces on the instruction's own words: the same prompt takes far
     fewer tokens, while stories still round-trip."""
-    from prepare_instruct_data import build_prompt
+    from prompts import build_prompt
     data_dir = tmp_path / "data"
-    tinystories.make_demo(str(data_dir), num_shards=2, stories_per_shard=400, seed=5)
+    demo_corpus.make_demo(str(data_dir), num_shards=2, stories_per_shard=400, seed=5)
     lengths = {}
     for flag in ([], ["--include_prompts"]):
         assert tinystories.main(["train_vocab", "--vocab_size=600", f"--data_dir={data_dir}", *flag]) == 0
@@ -264,7 +267,7 @@ def test_pretokenize_with_a_given_tokenizer_for_vocab_0(shared_data, demo_data):
 
 def test_pretokenize_worker_error_names_the_shard(tmp_path, capsys):
     data_dir = tmp_path / "data"
-    tinystories.make_demo(str(data_dir), num_shards=3, stories_per_shard=20, seed=1)
+    demo_corpus.make_demo(str(data_dir), num_shards=3, stories_per_shard=20, seed=1)
     assert tinystories.main(["train_vocab", "--vocab_size=300", f"--data_dir={data_dir}"]) == 1
     assert "vocab_size" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (data_dir / "tok300.model").exists()
@@ -283,7 +286,7 @@ def test_pretokenize_worker_error_names_the_shard(tmp_path, capsys):
 def test_missing_data_and_tokenizer_are_explained(tmp_path, capsys):
     assert tinystories.main(["pretokenize", "--vocab_size=512", f"--data_dir={tmp_path}"]) == 1
     assert "make_demo" in capsys.readouterr().err
-    tinystories.make_demo(str(tmp_path), num_shards=1, stories_per_shard=5, seed=1)
+    demo_corpus.make_demo(str(tmp_path), num_shards=1, stories_per_shard=5, seed=1)
     capsys.readouterr()
     assert tinystories.main(["pretokenize", "--vocab_size=512", f"--data_dir={tmp_path}"]) == 1
     err = capsys.readouterr().err.strip()

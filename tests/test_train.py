@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import cli
+import dataset
 import train
 from checkpoint import load_checkpoint, load_model
 
@@ -148,7 +150,7 @@ def test_lr_schedule():
 def test_instruct_targets_cover_only_bos_story_eos(tmp_path):
     data_dir = write_instruct_shards(str(tmp_path / "d"))
     folder = os.path.join(data_dir, f"instruct{VOCAB}")
-    rows = train.InstructRows(folder, [os.path.join(folder, "data01.tokens.npy")], max_len=32)
+    rows = dataset.InstructRows(folder, [os.path.join(folder, "data01.tokens.npy")], max_len=32)
     tokens = np.load(os.path.join(folder, "data01.tokens.npy"))
     lengths = np.load(os.path.join(folder, "data01.lengths.npy"))
     x, y = rows.get(np.array([0, 5, 9]), "cpu")
@@ -165,7 +167,7 @@ def test_instruct_targets_cover_only_bos_story_eos(tmp_path):
 def test_pretrain_windows_come_from_the_shards(pretrain_dir):
     folder = os.path.join(pretrain_dir, f"tok{VOCAB}")
     files = [os.path.join(folder, f"data0{i}.bin") for i in (1, 2)]
-    windows = train.TokenWindows(folder, files, seq_len=16)
+    windows = dataset.TokenWindows(folder, files, seq_len=16)
     streams = [np.fromfile(f, dtype=np.uint16) for f in files]
     assert len(windows) == sum(len(s) - 16 for s in streams)
     last = len(windows) - 1  # the very last window ends exactly at the end of the last shard
@@ -289,7 +291,7 @@ def test_init_from_checkpoint_continues_its_weights(pretrain_dir, tmp_path):
 
 
 def test_bfloat16_autocast_trains(pretrain_dir, tmp_path):
-    if not train.bf16_supported():
+    if not cli.bf16_supported():
         pytest.skip("no bfloat16 support on this CPU")
     train.train(tiny_config(pretrain_dir, tmp_path / "o", dtype="bfloat16", max_iters=20, learning_rate=1e-2))
     evals = [r for r in read_metrics(tmp_path / "o") if r.get("eval")]

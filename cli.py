@@ -1,0 +1,137 @@
+"""What every script of the toolkit shares: one-line errors with one exit-code rule, the
+argument parser that reports misuse in one line, dtype and device names, and files written
+under a temporary name and renamed, so that no reader ever sees half a file.
+
+The exit-code rule: 2 when what the user typed is wrong (a flag, a setting, or a file or
+folder it names: UsageError, and the loader's CheckpointError); 1 when a step of the data
+pipeline cannot finish (DataError: a download that fails, an earlier step's output missing)
+or a run has to stop (train.py's TrainingError). Every script's main() ends in report_error.
+
+torch is imported inside the functions that need it: the data-preparation workers import
+this module and should not pay for torch.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+
+class ToolError(Exception):
+    """An error the user sees as one line; its class says the exit code."""
+    exit_code = 1
+
+
+class UsageError(ToolError):
+    """A bad flag, setting, or input file or folder: exit code 2."""
+    exit_code = 2
+
+
+class DataError(ToolError):
+    """A data-pipeline step that cannot finish: exit code 1."""
+    exit_code = 1
+
+
+def report_error(exc) -> int:
+    """Print the one line (an exception or a message) and return the exit code main() should
+    give: the error class's, else 1."""
+    print(f"error: {exc}", file=sys.stderr)
+    return getattr(exc, "exit_code", 1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports command-line misuse as one line (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def vocab_size_arg(text, allow_zero=True):
+    """A tokenizer size for the data stages: 0 (Llama 2's, given by --tokenizer) or 1..65536,
+    since token shards are uint16."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0 or (value == 0 and not allow_zero) or value > 65536:
+        low = 0 if allow_zero else 1
+        raise argparse.ArgumentTypeError(f"expected {low}..65536 (uint16 shards), got {value}")
+    return value
+
+
+# ---- dtypes and devices ------------------------------------------------------------------------
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    import torch
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def bf16_supported() -> bool:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(name: str, flag: str = "--device"):
+    """A bad device name would otherwise surface as a traceback from deep inside model.to()."""
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"{flag}={name}: not a device (expected cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag}={name}: this PyTorch sees no CUDA GPU; use {flag}=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{flag}={name}: MPS is not available here; use {flag}=cpu")
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+def atomic_write(path: str, write_fn):
+    """Call write_fn(tmp_path), then rename over path: readers never see a half-written file,
+    and a failed write leaves no temporary file behind."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj, indent=None):
+    """JSON (UTF-8, non-ASCII kept as it is), written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, ensure_ascii=False)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

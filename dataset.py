@@ -1,0 +1,158 @@
+"""The training data as batches: random windows of the pretokenized stories (pretrain) or
+one instruction example a row with the prompt masked out of the loss (instruct), the sampler
+that draws every iteration's rows, and the fixed rows evaluation scores. train.py and
+evaluate.py both read data through here, the way llama2.c keeps its Task out of train.py.
+
+Settings used: dataset, data_dir, vocab_source, vocab_size, max_seq_len (train.py's names).
+"""
+import glob
+import json
+import mmap
+import os
+
+import numpy as np
+import torch
+
+from cli import UsageError
+from data_paths import folder_vocab, instruct_dir, pretokenized_dir, tokenizer_model_path
+
+
+def _release_pages(array):
+    """Unmap the pages a batch touched (the OS page cache keeps them): a memmap held open for the
+    whole run would otherwise count every page it ever read as this process's resident memory."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+class ShardedRows:
+    """Rows numbered 0..len-1 across several shard files; `locate` maps row numbers to (shard, index)."""
+
+    def __init__(self, folder, sizes):
+        self.folder, self.ends = folder, np.cumsum(sizes)
+        self.begins = self.ends - np.asarray(sizes)
+
+    def __len__(self):
+        return int(self.ends[-1])
+
+    def locate(self, rows):
+        shard = np.searchsorted(self.ends, rows, side="right")
+        return shard, rows - self.begins[shard]
+
+
+class TokenWindows(ShardedRows):
+    """Pretraining: windows of seq_len+1 tokens at random offsets of the uint16 shards, as llama2.c
+    draws them. Each shard is memory-mapped once for the run, not once per batch as in nanoGPT."""
+
+    def __init__(self, folder, files, seq_len):
+        self.shards = [np.memmap(f, dtype=np.uint16, mode="r") for f in files]
+        short = [f for f, s in zip(files, self.shards) if len(s) <= seq_len]
+        if short:
+            raise UsageError(f"{short[0]}: fewer than max_seq_len+1 = {seq_len + 1} tokens")
+        self.seq_len = seq_len
+        super().__init__(folder, [len(s) - seq_len for s in self.shards])
+
+    def get(self, rows, device):
+        shards, starts = self.locate(rows)
+        batch = np.stack([self.shards[s][i:i + self.seq_len + 1] for s, i in zip(shards, starts)])
+        for s in set(shards.tolist()):
+            _release_pages(self.shards[s])
+        batch = torch.from_numpy(batch.astype(np.int64))
+        return to_device(batch[:, :-1], device), to_device(batch[:, 1:], device)
+
+
+class InstructRows(ShardedRows):
+    """Instruct: one example a row (prompt, BOS, story, EOS, zero padding). Targets are -1 except
+    for BOS, story and EOS: the model learns to answer a prompt, not to write prompts."""
+
+    def __init__(self, folder, files, max_len):
+        try:
+            self.tokens = [np.load(f, mmap_mode="r") for f in files]
+            self.lengths = [np.load(f.replace(".tokens.npy", ".lengths.npy")) for f in files]
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{folder}: unreadable instruct shard ({exc})") from None
+        if any(t.ndim != 2 or len(t) != len(n) for t, n in zip(self.tokens, self.lengths)):
+            raise UsageError(f"{folder}: tokens and lengths files do not match (expected (n, L) and (n, 2))")
+        self.seq_len = min(self.tokens[0].shape[1] - 1, max_len)
+        super().__init__(folder, [len(t) for t in self.tokens])
+
+    def get(self, rows, device):
+        shards, index = self.locate(rows)
+        batch = np.stack([self.tokens[s][i, :self.seq_len + 1] for s, i in zip(shards, index)]).astype(np.int64)
+        lengths = np.stack([self.lengths[s][i] for s, i in zip(shards, index)])
+        for s in set(shards.tolist()):
+            _release_pages(self.tokens[s])
+        # positions past the batch's longest example are padding for every row: leave them out
+        # (causal attention means the positions kept compute exactly the same loss)
+        width = max(1, min(self.seq_len, int(lengths[:, 1].max()) - 1))
+        x, y = batch[:, :width], batch[:, 1:width + 1].copy()
+        position = np.arange(1, width + 1)  # where each target sits in the row
+        y[(position < lengths[:, :1]) | (position >= lengths[:, 1:])] = -1
+        return to_device(torch.from_numpy(x), device), to_device(torch.from_numpy(y), device)
+
+
+def to_device(tensor, device):
+    """Pinned memory and a non-blocking copy on CUDA: the next batch loads while this one trains."""
+    if device.startswith("cuda"):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def data_folder(c):
+    """tok{N}/ (pretrain) or instruct{N}/ under data_dir, for the run's vocabulary."""
+    n = folder_vocab(c["vocab_size"], c["vocab_source"])
+    return (pretokenized_dir if c["dataset"] == "pretrain" else instruct_dir)(c["data_dir"], n)
+
+
+def open_dataset(c, split, model_max_len):
+    folder = data_folder(c)
+    pattern = "data*.bin" if c["dataset"] == "pretrain" else "data*.tokens.npy"
+    files = sorted(glob.glob(os.path.join(folder, pattern)))
+    files = files[:1] if split == "val" else files[1:]
+    if not files:
+        raise UsageError(f"{folder}: no {split} shards {pattern} (data00 is validation, data01... training); "
+                        f"prepare the {c['dataset']} data for vocab_size={c['vocab_size']} first")
+    if c["dataset"] == "pretrain":
+        return TokenWindows(folder, files, min(c["max_seq_len"], model_max_len))
+    if not os.path.isfile(os.path.join(folder, "meta.json")):
+        raise UsageError(f"{folder}: no meta.json, so prepare_instruct_data.py did not finish there; run it again")
+    rows = InstructRows(folder, files, min(c["max_seq_len"], model_max_len))
+    if rows.seq_len < rows.tokens[0].shape[1] - 1 and split == "train":
+        print(f"note: instruct rows hold {rows.tokens[0].shape[1] - 1} positions; cropped to {rows.seq_len} "
+              f"(max_seq_len {c['max_seq_len']}, model {model_max_len}): long stories lose their end")
+    return rows
+
+
+def default_tokenizer(c):
+    meta = os.path.join(data_folder(c), "meta.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            return json.load(f).get("tokenizer", "")
+    return "" if c["vocab_source"] == "llama2" else tokenizer_model_path(c["data_dir"], c["vocab_size"])
+
+
+class BatchSampler:
+    """Every iteration's rows come from one generator, seeded alike in every process; each process
+    takes its own slice. So the global batch is the same for 1 or N processes, and the generator's
+    state is the loader's whole position (saved in checkpoints for exact resume)."""
+
+    def __init__(self, data, batch_size, accum_steps, world, rank, seed):
+        self.data, self.shape, self.rank = data, (world, accum_steps, batch_size), rank
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def iteration(self, device):
+        rows = torch.randint(len(self.data), self.shape, generator=self.generator)
+        for micro in range(self.shape[1]):
+            yield self.data.get(rows[self.rank, micro].numpy(), device)
+
+    def get_state(self):
+        return self.generator.get_state()
+
+    def set_state(self, state):
+        self.generator.set_state(state)
+
+
+def fixed_batches(data, n_batches, batch_size, seed):
+    """The rows evaluation uses every time, so successive losses are comparable."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(len(data), (batch_size,), generator=generator).numpy() for _ in range(n_batches)]

@@ -1,0 +1,124 @@
+"""The prompt format: the one place that words an instruction and lays it out in tokens, so
+that data preparation, generation, evaluation and the demo corpus never drift apart.
+
+Template prompts (the original instruct storyteller's README wording, docs/formats.md "Prompts"):
+
+    Write a story. In the story, try to use the verb "climb", the noun "ring" and the adjective
+    "messy". The story has the following features: it should contain a dialogue. Possible story:
+
+An instruct model reads the prompt's tokens, then BOS, which opens the story; the story ends
+with EOS. A plain (pretrained) model reads BOS first, then the text it continues.
+"""
+from typing import Iterable, List, Optional
+
+# The TinyStories feature names and the template's phrase for each. The order matters:
+# evaluate.py draws held-out prompts' features from it with a seeded generator.
+FEATURE_PHRASES = {
+    "Dialogue": "it should contain a dialogue",
+    "BadEnding": "it should have a bad ending",
+    "Conflict": "it should have a conflict",
+    "Twist": "it should have a plot twist",
+    "MoralValue": "it should teach a moral value",
+    "Foreshadowing": "it should use foreshadowing",
+}
+_FEATURE_LOOKUP = {name.lower(): name for name in FEATURE_PHRASES}
+
+# How the archive's GPT-4 prompts word each feature (the demo corpus writes such prompts;
+# the "original" prompt style rewrites them)
+GPT_FEATURE_PHRASES = {
+    "Dialogue": "the story should contain at least one dialogue",
+    "BadEnding": "the story has a bad ending",
+    "Conflict": "the story has some sort of conflict",
+    "Foreshadowing": "the narrative uses foreshadowing or setup and payoff",
+    "Twist": "something unexpected happens / there is at least one plot twist",
+    "MoralValue": "the story has a moral value",
+}
+
+PROMPT_STYLES = ("template", "original")
+SKIP_REASONS = ("not_a_record", "no_story", "empty_story", "no_instruction", "bad_words",
+                "bad_features", "unknown_feature", "no_prompt")
+
+
+def canonical_feature(name: str) -> str:
+    """'dialogue', 'bad_ending', 'BadEnding' -> the TinyStories spelling; ValueError otherwise."""
+    key = name.strip().lower().replace("_", "").replace("-", "").replace(" ", "")
+    if key not in _FEATURE_LOOKUP:
+        raise ValueError(f"unknown feature {name!r} (expected one of {', '.join(FEATURE_PHRASES)})")
+    return _FEATURE_LOOKUP[key]
+
+
+def build_prompt(verb: str, noun: str, adjective: str, features: Optional[Iterable[str]] = ()) -> str:
+    """The template prompt; the features sentence is left out when there are none."""
+    prompt = (f'Write a story. In the story, try to use the verb "{verb}", the noun "{noun}" '
+              f'and the adjective "{adjective}".')
+    phrases = [FEATURE_PHRASES[canonical_feature(f)] for f in (features or ())]
+    if phrases:
+        prompt += " The story has the following features: " + ", ".join(phrases) + "."
+    return prompt + " Possible story:"
+
+
+def gpt_prompt(verb: str, noun: str, adjective: str, features) -> str:
+    """A prompt worded as the archive's GPT-4 prompts are."""
+    prompt = ("Write a short story (3-5 paragraphs) which only uses very simple words that a 3 year old "
+              f'child would understand. The story should use the verb "{verb}", the noun "{noun}" and '
+              f'the adjective "{adjective}".')
+    if features:
+        prompt += " The story has the following features: " + ", ".join(
+            GPT_FEATURE_PHRASES[f] for f in features) + "."
+    return prompt + " Remember to only use simple words!\n\nPossible story:"
+
+
+def rewrite_original_prompt(gpt_prompt_text: str) -> str:
+    """The original instruct storyteller's rewriting of a TinyStories GPT prompt, in its order:
+    the opening sentence becomes "Write a story.", the reminder and the trailing "Possible
+    story:" go, GPT-3.5's "try to at some point use" becomes "try to use", and " Possible
+    story:" is appended."""
+    text = gpt_prompt_text.replace(
+        "Write a short story (3-5 paragraphs) which only uses very simple words that a 3 year "
+        "old child would understand.", "Write a story.")
+    text = text.replace(" Remember to only use simple words!", "")
+    text = text.replace("\n\nPossible story:", "")
+    text = text.replace("try to at some point use", "try to use")
+    return text + " Possible story:"
+
+
+def record_prompt_and_story(record, prompt_style):
+    """(prompt, stripped story, None) for a usable corpus record, else (None, None, skip reason)."""
+    if not isinstance(record, dict):
+        return None, None, "not_a_record"
+    story = record.get("story")
+    if not isinstance(story, str):
+        return None, None, "no_story"
+    story = story.strip()
+    if not story:
+        return None, None, "empty_story"
+    instruction = record.get("instruction")
+    if not isinstance(instruction, dict):
+        return None, None, "no_instruction"
+    if prompt_style == "original":
+        gpt_text = instruction.get("prompt:")  # the archive's key really has the colon
+        if not isinstance(gpt_text, str) or not gpt_text.strip():
+            return None, None, "no_prompt"
+        return rewrite_original_prompt(gpt_text), story, None
+    words = instruction.get("words")
+    if (not isinstance(words, list) or len(words) != 3
+            or not all(isinstance(w, str) and w.strip() for w in words)):
+        return None, None, "bad_words"
+    features = instruction.get("features")
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        return None, None, "bad_features"
+    try:
+        prompt = build_prompt(words[0].strip(), words[1].strip(), words[2].strip(), features)
+    except ValueError:
+        return None, None, "unknown_feature"
+    return prompt, story, None
+
+
+def prompt_ids(tokenizer, text: str, instruct: bool) -> List[int]:
+    """The tokens a model reads before its story, as in training: an instruct model reads the
+    prompt, then BOS opens the story; a plain model reads BOS, then the text it continues."""
+    if not text:
+        return [tokenizer.bos_id]
+    if instruct:
+        return tokenizer.encode(text) + [tokenizer.bos_id]
+    return tokenizer.encode(text, bos=True)
