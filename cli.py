@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 
 
@@ -118,6 +119,29 @@ def atomic_write(path: str, write_fn):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_folder(path, write_fn):
+    """write_fn(tmp_folder), then swap it in for path: an old folder is moved aside and removed
+    only once the new one is in place."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(os.path.abspath(path))
+    tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
+    old = os.path.join(parent, f".{name}.{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write_fn(tmp)
+        if os.path.lexists(path):
+            os.rename(path, old)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    elif os.path.lexists(old):
+        os.remove(old)
 
 
 def write_json(path: str, obj, indent=None):

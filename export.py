@@ -74,7 +74,7 @@ import torch
 from checkpoint import (LLAMA2C_MAGIC, find_tokenizer, hf_key_map, hf_permute_qk, llama2c_norm_order,
                         llama2c_v0_order, llama2c_weight_order, load_checkpoint, load_tokenizer_for,
                         model_args_dict, save_checkpoint)
-from cli import OneLineParser, UsageError, atomic_write, report_error, write_json
+from cli import OneLineParser, UsageError, atomic_write, atomic_write_folder, report_error, write_json
 from data_paths import vocab_source
 
 FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-q8", "hf", "gguf", "pt")
@@ -293,29 +293,6 @@ def write_hf_folder(folder, args, state, tokenizer):
                 # "<s>" typed in text is text, as for sentencepiece; BOS comes from add_bos_token
                 "split_special_tokens": True,
                 "clean_up_tokenization_spaces": False}, indent=2)
-
-
-def atomic_write_folder(path, write_fn):
-    """write_fn(tmp_folder), then swap it in for path: an old folder is moved aside and removed
-    only once the new one is in place."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    name = os.path.basename(os.path.abspath(path))
-    tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
-    old = os.path.join(parent, f".{name}.{os.getpid()}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        write_fn(tmp)
-        if os.path.lexists(path):
-            os.rename(path, old)
-        os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if os.path.isdir(old):
-        shutil.rmtree(old)
-    elif os.path.lexists(old):
-        os.remove(old)
 
 
 # ---- GGUF ------------------------------------------------------------------------------------

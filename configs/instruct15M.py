@@ -1,4 +1,5 @@
-# The original instruct storyteller's from-scratch run (formats.md section 7): the stories15M shape
+# The original instruct storyteller's from-scratch run (docs/formats.md, "The original instruct
+# storyteller"): the stories15M shape
 # trained directly on instruct examples (python prepare_instruct_data.py --vocab_size=0 --tokenizer=...).
 # batch 64 x 8 accumulation, AdamW 5e-4 (0.9, 0.95) wd 0.1, warmup 1000, cosine to 0 at 25,000, clip 1, bf16.
 # Expected hardware/time: one A100/H100, several hours; far too slow for a CPU.

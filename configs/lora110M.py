@@ -1,4 +1,5 @@
-# The original project's LoRA run (formats.md section 7), for finetune_lora.py: base stories110M,
+# The original project's LoRA run (docs/formats.md, "The original instruct storyteller"),
+# for finetune_lora.py: base stories110M,
 # adapters on wq, wk, wv, wo, rank 2 as its README says (its code silently used 4), lr 5e-4, 5,000 iters.
 #   python finetune_lora.py configs/lora110M.py --init_from=data/stories110M.pt
 # Expected hardware/time: one A100/H100, well under an hour; a CPU takes days.
