@@ -84,21 +84,14 @@ DEMO_FEATURE_MARKERS = {
     "MoralValue": r"\blearned\b|\blesson\b",
 }
 
-DEMO_HEROES = [  # (name, kind, pronoun)
-    ("Lily", "girl", "she"), ("Mia", "girl", "she"), ("Sue", "girl", "she"), ("Amy", "girl", "she"),
-    ("Anna", "girl", "she"), ("Emma", "girl", "she"), ("Lucy", "girl", "she"), ("Sara", "girl", "she"),
-    ("Zoe", "girl", "she"), ("Kim", "girl", "she"), ("Ella", "girl", "she"), ("Daisy", "girl", "she"),
-    ("Molly", "girl", "she"), ("Ruby", "girl", "she"), ("Grace", "girl", "she"), ("Ava", "girl", "she"),
-    ("Nora", "girl", "she"), ("Maya", "girl", "she"), ("Ivy", "girl", "she"), ("Jill", "girl", "she"),
-    ("Tim", "boy", "he"), ("Ben", "boy", "he"), ("Tom", "boy", "he"), ("Max", "boy", "he"),
-    ("Sam", "boy", "he"), ("Jack", "boy", "he"), ("Leo", "boy", "he"), ("Jake", "boy", "he"),
-    ("Joe", "boy", "he"), ("Bob", "boy", "he"), ("Dan", "boy", "he"), ("Finn", "boy", "he"),
-    ("Luke", "boy", "he"), ("Noah", "boy", "he"), ("Owen", "boy", "he"), ("Eli", "boy", "he"),
-    ("Ned", "boy", "he"), ("Toby", "boy", "he"), ("Zack", "boy", "he"), ("Adam", "boy", "he"),
-    ("Pip", "bunny", "he"), ("Rex", "puppy", "he"), ("Kitty", "kitten", "she"), ("Fluff", "kitten", "he"),
-    ("Coco", "bunny", "she"), ("Buddy", "puppy", "he"), ("Rosie", "piglet", "she"), ("Chirp", "chick", "she"),
-    ("Benny", "bear cub", "he"), ("Dot", "ladybird", "she"), ("Hoot", "owlet", "he"), ("Wally", "duckling", "he"),
-]
+DEMO_HEROES = (  # (name, kind, pronoun)
+    [(name, "girl", "she") for name in """Lily Mia Sue Amy Anna Emma Lucy Sara Zoe Kim Ella Daisy
+                                          Molly Ruby Grace Ava Nora Maya Ivy Jill""".split()]
+    + [(name, "boy", "he") for name in """Tim Ben Tom Max Sam Jack Leo Jake Joe Bob Dan Finn Luke
+                                          Noah Owen Eli Ned Toby Zack Adam""".split()]
+    + [("Pip", "bunny", "he"), ("Rex", "puppy", "he"), ("Kitty", "kitten", "she"), ("Fluff", "kitten", "he"),
+       ("Coco", "bunny", "she"), ("Buddy", "puppy", "he"), ("Rosie", "piglet", "she"), ("Chirp", "chick", "she"),
+       ("Benny", "bear cub", "he"), ("Dot", "ladybird", "she"), ("Hoot", "owlet", "he"), ("Wally", "duckling", "he")])
 DEMO_FRIENDS = ["Mom", "Dad", "Grandma", "Grandpa", "Ted", "Jen", "Liz", "Ron", "Meg", "Pam", "Ken",
                 "Kate", "Nick", "Rita", "Olly", "Hugo", "Tess", "Gus", "Bea", "Milo"]
 DEMO_PLACES = ["garden", "forest", "yard", "lake", "zoo", "school", "playground", "meadow", "river",
