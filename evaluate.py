@@ -257,26 +257,51 @@ def summarize(results: list) -> dict:
             "hit_max_new_tokens_rate": share("hit_max_new_tokens", results)}
 
 
-def print_table(report: dict):
-    rows = [("validation loss", "val_loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
-            ("prompts", "n_prompts", "{}"), ("requested words used", "word_rate", "{:.1%}"),
-            ("  verb / noun / adjective", None, None), ("stories with all three", "all_words_rate", "{:.1%}"),
-            ("dialogue when asked", "dialogue_rate", "{:.1%}"), ("average story (words)", "avg_story_words", "{:.1f}"),
-            ("hit max_new_tokens", "hit_max_new_tokens_rate", "{:.1%}")]
-    print("\n| metric | value |\n|---|---|")
-    for label, key, fmt in rows:
-        if key is None and "verb_rate" in report:
-            value = " / ".join(f"{report[k]:.1%}" for k in ("verb_rate", "noun_rate", "adjective_rate"))
-        elif key in report and report[key] is not None:
-            value = fmt.format(report[key])
-        else:
-            continue
-        print(f"| {label} | {value} |")
+TABLE_ROWS = [("validation loss", "val_loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+              ("prompts", "n_prompts", "{}"), ("requested words used", "word_rate", "{:.1%}"),
+              ("  verb / noun / adjective", None, None), ("stories with all three", "all_words_rate", "{:.1%}"),
+              ("dialogue when asked", "dialogue_rate", "{:.1%}"), ("average story (words)", "avg_story_words", "{:.1f}"),
+              ("hit max_new_tokens", "hit_max_new_tokens_rate", "{:.1%}")]
+
+
+def table_cell(report: dict, key, fmt) -> str:
+    if key is None and "verb_rate" in report:
+        return " / ".join(f"{report[k]:.1%}" for k in ("verb_rate", "noun_rate", "adjective_rate"))
+    if key in report and report[key] is not None:
+        return fmt.format(report[key])
+    return ""
+
+
+def print_table(reports: list):
+    """A markdown table: one metric a row, one column per evaluated checkpoint."""
+    heads = ["value"] if len(reports) == 1 else [r["model_path"] for r in reports]
+    print("\n| metric | " + " | ".join(heads) + " |\n|---" * (len(heads) + 1) + "|")
+    for label, key, fmt in TABLE_ROWS:
+        cells = [table_cell(r, key, fmt) for r in reports]
+        if any(cells):
+            print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def evaluate_checkpoint(path, args, requests, report_extra) -> dict:
+    """Loss and/or instruction following of one checkpoint, as a report dict."""
+    model, ckpt, tokenizer = load_for_sampling(path, args.tokenizer, args.device, args.dtype)
+    report = {"model_path": path, "tokenizer": tokenizer.model_path, **report_extra}
+    if args.data:
+        report.update(evaluate_loss(model, tokenizer, args.data, args.batch_size, args.max_tokens))
+    if requests:
+        results = run_requests(model, tokenizer, requests, args.max_new_tokens, args.temperature,
+                               args.top_k, args.top_p, args.seed)
+        report.update(summarize(results))
+        report["sampling"] = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}
+        report["samples"] = results
+    return report
 
 
 def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", required=True)
+    p.add_argument("--model_path", help="the checkpoint to evaluate")
+    p.add_argument("--compare", nargs="+", metavar="CHECKPOINT",
+                   help="evaluate several checkpoints alike and print their scores side by side")
     p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
     p.add_argument("--data", help="loss on: a shard folder, a .bin or .tokens.npy shard, or a .txt file")
     p.add_argument("--max_tokens", type=int, default=1_000_000, help="at most this many tokens for the loss")
@@ -299,15 +324,15 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    paths = args.compare or ([args.model_path] if args.model_path else [])
     try:
+        if not paths or (args.model_path and args.compare):
+            raise UsageError("give --model_path=CHECKPOINT, or --compare A.pt B.pt ... (not both)")
         check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
         if not (args.data or args.prompts_file or args.num_prompts > 0):
             raise UsageError("nothing to do: give --data (loss) and/or --num_prompts / --prompts_file (instructions)")
         check_device(args.device)
-        model, ckpt, tokenizer = load_for_sampling(args.model_path, args.tokenizer, args.device, args.dtype)
-        report = {"model_path": args.model_path, "tokenizer": tokenizer.model_path}
-        if args.data:
-            report.update(evaluate_loss(model, tokenizer, args.data, args.batch_size, args.max_tokens))
+        extra = {}
         if args.prompts_file:
             requests = requests_from_file(args.prompts_file)
         elif args.prompts_shard:
@@ -315,21 +340,16 @@ def main(argv=None):
         elif args.num_prompts > 0:
             seen = seen_word_triples(args.held_out_from) if args.held_out_from else set()
             requests = held_out_requests(args.num_prompts, args.seed, seen)
-            report["held_out_from"], report["training_word_triples"] = args.held_out_from, len(seen)
+            extra = {"held_out_from": args.held_out_from, "training_word_triples": len(seen)}
         else:
             requests = []
-        if requests:
-            results = run_requests(model, tokenizer, requests, args.max_new_tokens, args.temperature,
-                                   args.top_k, args.top_p, args.seed)
-            report.update(summarize(results))
-            report["sampling"] = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}
-            report["samples"] = results
+        reports = [evaluate_checkpoint(path, args, requests, extra) for path in paths]
     except UsageError as exc:  # the loader's and the tokenizer's errors are usage errors too
         return report_error(exc)
     if args.report:
-        write_json(args.report, report, indent=1)
-    print_table(report)
-    print(f"evaluated {args.model_path} in {time.perf_counter() - start:.1f} s"
+        write_json(args.report, reports[0] if len(reports) == 1 else {"compare": reports}, indent=1)
+    print_table(reports)
+    print(f"evaluated {', '.join(paths)} in {time.perf_counter() - start:.1f} s"
           + (f"; report in {args.report}" if args.report else ""))
     return 0
 

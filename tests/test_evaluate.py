@@ -147,3 +147,32 @@ def test_cli_report_and_errors(shared_data, tmp_path):
     for failed in failures:
         assert failed.returncode == 2
         assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
+
+
+def test_compare_scores_checkpoints_alike_side_by_side(shared_data, tmp_path):
+    """--compare evaluates every checkpoint on the same prompts and prints one column each; the
+    same model under two names scores the same, a different one differently."""
+    from checkpoint import load_checkpoint, save_checkpoint
+    base = load_checkpoint(f"{shared_data}/stories260K.pt")
+    other = tmp_path / "other.pt"
+    state = {k: v.clone() for k, v in base.state_dict.items()}
+    state["norm.weight"] = state["norm.weight"] * 0.5
+    save_checkpoint(str(other), {"model": state, "model_args": vars(base.model_args), "config": base.config})
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"verb": "play", "noun": "ball", "adjective": "red", "features": ["Dialogue"]}\n')
+    report_path = tmp_path / "compare.json"
+    done = run_cli("--compare", f"{shared_data}/stories260K.pt", f"{shared_data}/stories260K.pt", str(other),
+                   f"--prompts_file={prompts}", f"--data={shared_data}/tinystories_valid_head.txt",
+                   "--max_tokens=2048", "--max_new_tokens=30", f"--report={report_path}",
+                   f"--tokenizer={shared_data}/tok512.model")
+    assert done.returncode == 0, done.stderr
+    header = next(line for line in done.stdout.splitlines() if line.startswith("| metric |"))
+    assert header.count("stories260K.pt") == 2 and "other.pt" in header
+    loss_row = next(line for line in done.stdout.splitlines() if line.startswith("| validation loss |"))
+    first, second, third = [cell.strip() for cell in loss_row.split("|")[2:5]]
+    assert first == second != third
+    reports = json.loads(report_path.read_text())["compare"]
+    assert [r["samples"][0]["story"] for r in reports[:2]] == [reports[0]["samples"][0]["story"]] * 2
+
+    both = run_cli(f"--model_path={other}", "--compare", str(other), "--data=x.txt")
+    assert both.returncode == 2 and len(both.stderr.strip().splitlines()) == 1
