@@ -98,37 +98,39 @@ def to_device(tensor, device):
     return tensor
 
 
-def data_folder(c):
+def data_folder(cfg):
     """tok{N}/ (pretrain) or instruct{N}/ under data_dir, for the run's vocabulary."""
-    n = folder_vocab(c["vocab_size"], c["vocab_source"])
-    return (pretokenized_dir if c["dataset"] == "pretrain" else instruct_dir)(c["data_dir"], n)
+    n = folder_vocab(cfg["vocab_size"], cfg["vocab_source"])
+    return (pretokenized_dir if cfg["dataset"] == "pretrain" else instruct_dir)(cfg["data_dir"], n)
 
 
-def open_dataset(c, split, model_max_len):
-    folder = data_folder(c)
-    pattern = "data*.bin" if c["dataset"] == "pretrain" else "data*.tokens.npy"
+def open_dataset(cfg, split, model_max_len):
+    folder = data_folder(cfg)
+    pattern = "data*.bin" if cfg["dataset"] == "pretrain" else "data*.tokens.npy"
     files = sorted(glob.glob(os.path.join(folder, pattern)))
     files = files[:1] if split == "val" else files[1:]
     if not files:
+        n = folder_vocab(cfg["vocab_size"], cfg["vocab_source"])
+        step = "tinystories.py pretokenize" if cfg["dataset"] == "pretrain" else "prepare_instruct_data.py"
         raise UsageError(f"{folder}: no {split} shards {pattern} (data00 is validation, data01... training); "
-                        f"prepare the {c['dataset']} data for vocab_size={c['vocab_size']} first")
-    if c["dataset"] == "pretrain":
-        return TokenWindows(folder, files, min(c["max_seq_len"], model_max_len))
+                         f"run `python {step} --vocab_size={n} --data_dir={cfg['data_dir']}` first")
+    if cfg["dataset"] == "pretrain":
+        return TokenWindows(folder, files, min(cfg["max_seq_len"], model_max_len))
     if not os.path.isfile(os.path.join(folder, "meta.json")):
         raise UsageError(f"{folder}: no meta.json, so prepare_instruct_data.py did not finish there; run it again")
-    rows = InstructRows(folder, files, min(c["max_seq_len"], model_max_len))
+    rows = InstructRows(folder, files, min(cfg["max_seq_len"], model_max_len))
     if rows.seq_len < rows.tokens[0].shape[1] - 1 and split == "train":
         print(f"note: instruct rows hold {rows.tokens[0].shape[1] - 1} positions; cropped to {rows.seq_len} "
-              f"(max_seq_len {c['max_seq_len']}, model {model_max_len}): long stories lose their end")
+              f"(max_seq_len {cfg['max_seq_len']}, model {model_max_len}): long stories lose their end")
     return rows
 
 
-def default_tokenizer(c):
-    meta = os.path.join(data_folder(c), "meta.json")
+def default_tokenizer(cfg):
+    meta = os.path.join(data_folder(cfg), "meta.json")
     if os.path.isfile(meta):
         with open(meta) as f:
             return json.load(f).get("tokenizer", "")
-    return "" if c["vocab_source"] == "llama2" else tokenizer_model_path(c["data_dir"], c["vocab_size"])
+    return "" if cfg["vocab_source"] == "llama2" else tokenizer_model_path(cfg["data_dir"], cfg["vocab_size"])
 
 
 class BatchSampler:

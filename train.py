@@ -187,7 +187,7 @@ def start_processes(cfg) -> Processes:
 def open_training_data(cfg, args: ModelArgs):
     """(train, val) data for the model; the model's shape and vocabulary go into cfg, so the
     checkpoints record what was really trained."""
-    if args.vocab_size != cfg["vocab_size"]:  # a checkpoint's vocabulary decides which data fits it
+    if cfg["init_from"] != "scratch":  # a checkpoint's vocabulary decides which data fits it
         cfg["vocab_source"] = vocab_source(args.vocab_size)
     cfg.update({k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of")})
     train_data = open_dataset(cfg, "train", args.max_seq_len)

@@ -164,6 +164,25 @@ def test_lora_resume_continues_exactly(tmp_path):
     assert step_losses(tmp_path / "one") == step_losses(tmp_path / "two")
 
 
+def test_the_bases_vocabulary_decides_the_data_folder(tmp_path, capsys):
+    """Only --init_from, --data_dir and --vocab_size (as a user of a custom-vocabulary base
+    types them): vocab_source comes from the base, so instruct{VOCAB}/ is read, not instruct0/;
+    and where the data is missing the error names the folder looked in and the command."""
+    data_dir = write_instruct_shards(str(tmp_path / "data"))
+    base = save_base(tmp_path / "base.pt", tiny_model())
+    argv = [f"--init_from={base}", f"--data_dir={data_dir}", f"--vocab_size={VOCAB}", f"--out_dir={tmp_path / 'out'}",
+            "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--batch_size=4", "--compile=False",
+            "--device=cpu", "--dtype=float32", "--peak_flops=1e12"]
+    assert finetune_lora.main(argv) == 0
+    assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt")).config["vocab_source"] == "custom"
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert finetune_lora.main(argv[:1] + [f"--data_dir={empty}"] + argv[2:]) == 2
+    err = capsys.readouterr().err
+    assert f"instruct{VOCAB}" in err and f"prepare_instruct_data.py --vocab_size={VOCAB}" in err, err
+
+
 @pytest.mark.parametrize("argv, needle", [
     ([], "needs --init_from=PATH"),
     (["--init_from=/nonexistent/base.pt"], "no such checkpoint file"),
