@@ -47,8 +47,8 @@ def build_parser():
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 matmuls, quantized at load time")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the decode step: 3-5x faster per token, but the first "
-                        "compile takes 30-60 s on 2 cores (about 5 s once inductor's cache is warm)")
+                   help="torch.compile the decode step: faster per token (docs/benchmarks.md), but "
+                        "the first compile takes 25-45 s on 2 cores (about 5 s with a warm inductor cache)")
     p.add_argument("--no_kv_cache", action="store_true", help="recompute the whole context each step")
     return p
 
