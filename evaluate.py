@@ -221,8 +221,10 @@ def score_story(story: str, request: Request) -> dict:
     return found
 
 
-def run_requests(model, tokenizer, requests, max_new_tokens, temperature, top_k, top_p, seed):
-    """Sample one story per request. Prompts of equal token length share a batch."""
+def run_requests(model, tokenizer, requests, max_new_tokens, temperature, top_k, top_p, seed,
+                 compile=False):
+    """Sample one story per request. Prompts of equal token length share a batch, sampled
+    through generate.py's path (compiled decode step if asked)."""
     by_length = defaultdict(list)
     for request in requests:
         ids = prompt_ids(tokenizer, request.prompt, instruct=True)
@@ -231,7 +233,7 @@ def run_requests(model, tokenizer, requests, max_new_tokens, temperature, top_k,
     with tqdm(total=len(requests), desc="sampling stories", unit="story") as bar:
         for length, group in sorted(by_length.items()):
             tokens = sample_stories(model, tokenizer, [ids for _, ids in group], max_new_tokens,
-                                    temperature, top_k, top_p, seed + length)
+                                    temperature, top_k, top_p, seed + length, compile=compile)
             for (request, _), story_tokens in zip(group, tokens):
                 story = tokenizer.decode(story_tokens)
                 results.append({**asdict(request), "story": story, "n_tokens": len(story_tokens),
@@ -284,13 +286,13 @@ def print_table(reports: list):
 
 def evaluate_checkpoint(path, args, requests, report_extra) -> dict:
     """Loss and/or instruction following of one checkpoint, as a report dict."""
-    model, ckpt, tokenizer = load_for_sampling(path, args.tokenizer, args.device, args.dtype)
+    model, ckpt, tokenizer = load_for_sampling(path, args.tokenizer, args.device, args.dtype, args.quantize)
     report = {"model_path": path, "tokenizer": tokenizer.model_path, **report_extra}
     if args.data:
         report.update(evaluate_loss(model, tokenizer, args.data, args.batch_size, args.max_tokens))
     if requests:
         results = run_requests(model, tokenizer, requests, args.max_new_tokens, args.temperature,
-                               args.top_k, args.top_p, args.seed)
+                               args.top_k, args.top_p, args.seed, args.compile)
         report.update(summarize(results))
         report["sampling"] = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}
         report["samples"] = results
@@ -318,6 +320,9 @@ def build_parser():
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="as in generate.py")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="as in generate.py: worth it for many prompts (one compile per batch shape)")
     return p
 
 

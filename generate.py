@@ -2,6 +2,7 @@
 
     python generate.py --model_path=out/ckpt.pt --prompt="Once upon a time"
     python generate.py --model_path=out/instruct/ckpt.pt --verb=climb --noun=ring --adjective=messy --features=dialogue
+    python generate.py --model_path=stories15M.pt --quantize=int8 --compile   # fastest on a CPU
 """
 import argparse
 import sys
@@ -12,6 +13,7 @@ import torch
 from checkpoint import load_model, load_tokenizer_for
 from cli import DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, torch_dtype
 from prompts import build_prompt, prompt_ids
+from quantize import quantize_int8
 
 
 def build_parser():
@@ -31,6 +33,11 @@ def build_parser():
     p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: weight-only int8 matmuls, quantized at load time")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the decode step: faster per token (docs/benchmarks.md), but "
+                        "the first compile takes 25-45 s on 2 cores (about 5 s with a warm inductor cache)")
     p.add_argument("--no_kv_cache", action="store_true", help="recompute the whole context each step")
     return p
 
@@ -62,10 +69,26 @@ def prompt_text(args) -> str:
         raise UsageError(f"--features: {exc}") from None
 
 
-def load_for_sampling(model_path, tokenizer_path, device, dtype):
-    """(model, checkpoint, tokenizer) with the tokenizer checked against the model's vocab."""
+def check_fast_path_args(compile, no_kv_cache=False):
+    if compile and no_kv_cache:
+        raise UsageError("--compile compiles the KV-cache decode step: drop --no_kv_cache")
+
+
+def prepare_for_sampling(model, quantize="none"):
+    """The load-time steps of the fast path: wq/wk/wv and w1/w3 fused into one matmul each,
+    then the weights quantized if asked."""
+    model.fuse_projections()
+    if quantize == "int8":
+        quantize_int8(model)
+    return model
+
+
+def load_for_sampling(model_path, tokenizer_path, device, dtype, quantize="none"):
+    """(model, checkpoint, tokenizer) with the tokenizer checked against the model's vocab.
+    The model is for sampling only: its projections are fused (and maybe quantized)."""
     model, ckpt = load_model(model_path, device=device, dtype=torch_dtype(dtype))
-    return model, ckpt, load_tokenizer_for(ckpt, tokenizer_path)
+    tokenizer = load_tokenizer_for(ckpt, tokenizer_path)
+    return prepare_for_sampling(model, quantize), ckpt, tokenizer
 
 
 def check_prompt_length(model, prompts):
@@ -75,7 +98,7 @@ def check_prompt_length(model, prompts):
 
 
 def sample_stories(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p,
-                   seed=None, use_cache=True, on_token=None):
+                   seed=None, use_cache=True, on_token=None, compile=False):
     """Sample one continuation per prompt (token lists of equal length) as one batch; returns
     one token list per prompt, cut before its stop token. on_token(step) sees every step."""
     check_prompt_length(model, prompts)
@@ -85,7 +108,7 @@ def sample_stories(model, tokenizer, prompts, max_new_tokens, temperature, top_k
     stop_ids = (tokenizer.eos_id, tokenizer.bos_id)
     steps = []
     for step in model.generate(batch, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                               use_cache=use_cache, generator=generator):
+                               use_cache=use_cache, generator=generator, compile=compile):
         steps.append(step.tolist())
         if on_token:
             on_token(steps[-1])
@@ -119,9 +142,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples)
+        check_fast_path_args(args.compile, args.no_kv_cache)
         check_device(args.device)
         text = prompt_text(args)
-        model, ckpt, tokenizer = load_for_sampling(args.model_path, args.tokenizer, args.device, args.dtype)
+        model, ckpt, tokenizer = load_for_sampling(args.model_path, args.tokenizer, args.device,
+                                                   args.dtype, args.quantize)
         ids = prompt_ids(tokenizer, text, ckpt.is_instruct)
         check_prompt_length(model, [ids])  # before the prompt is echoed: a refused one prints nothing
         # a plain model's output continues the prompt, so show it; an instruct prompt is not story
@@ -132,7 +157,7 @@ def main(argv=None):
         start = time.perf_counter()
         samples = sample_stories(model, tokenizer, [ids] * args.num_samples, args.max_new_tokens,
                                  args.temperature, args.top_k, args.top_p, args.seed,
-                                 use_cache=not args.no_kv_cache, on_token=stream)
+                                 use_cache=not args.no_kv_cache, on_token=stream, compile=args.compile)
         seconds = time.perf_counter() - start
     except UsageError as exc:  # the loader's and the tokenizer's errors are usage errors too
         return report_error(exc)
@@ -143,7 +168,8 @@ def main(argv=None):
             print(f"--- sample {i + 1}\n{tokenizer.decode(shown + tokens)}")
     n_tokens = sum(len(s) for s in samples)
     print(f"generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s, "
-          f"{args.num_samples} sample{'s' if args.num_samples > 1 else ''}, {args.device}, {args.dtype})",
+          f"{args.num_samples} sample{'s' if args.num_samples > 1 else ''}, {args.device}, {args.dtype}"
+          + (", int8 weights" if args.quantize == "int8" else "") + (", compiled" if args.compile else "") + ")",
           file=sys.stderr)
     return 0
 

@@ -1,8 +1,10 @@
 """Llama 2 transformer with weights laid out exactly as llama2.c lays them out.
 
-Training uses `Transformer.forward(tokens, targets)`. Inference uses a per-layer KV cache:
-`prefill` runs the whole prompt once, `decode_step` then adds one token at a time, and
-`generate` strings the two together with temperature / top-k / top-p sampling.
+Training uses `Transformer.forward(tokens, targets)`. Inference uses a per-layer KV cache of
+fixed size: `prefill` runs the whole prompt once, `decode_step` then adds one token at a time,
+and `generate` strings the two together with temperature / top-k / top-p sampling. The decode
+step only ever sees tensors of the same shapes (the position is a tensor, the cache is written
+in place), so `generate(compile=True)` compiles it once for every position.
 """
 import inspect
 import math
@@ -73,17 +75,20 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
+    """Keys and values of every position, written in place at the positions in a tensor and
+    read whole: no shape depends on how far generation has got. The zeros never written are
+    masked out, and being finite they cannot turn the masked softmax into NaNs."""
+
     def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim, dtype, device):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k, v):
-        end = start_pos + k.shape[2]
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, input_pos, k, v):
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -94,29 +99,30 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wqkv: Optional[nn.Module] = None  # wq, wk, wv as one matmul: fuse_projections()
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, start_pos: Optional[int] = None):
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            kv_size = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
-        if start_pos is not None:
-            k, v = self.kv_cache.update(start_pos, k, v)
+        if self.kv_cache is not None:
+            # the whole cache comes back; mask says which positions each query may see
+            k, v = self.kv_cache.update(input_pos, k, v)
         if self.n_kv_heads != self.n_heads:
             repeats = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        # a lone new token may see every cached position; a chunk after a cached prefix
-        # needs a causal mask shifted by the prefix length
-        mask, causal = None, seq > 1
-        if start_pos and seq > 1:
-            mask = torch.ones(seq, k.shape[2], dtype=torch.bool, device=x.device).tril(start_pos)
-            causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
                                              dropout_p=self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, seq, -1)
         return self.resid_dropout(self.wo(out))
@@ -128,10 +134,15 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w13: Optional[nn.Module] = None  # w1 and w3 as one matmul: fuse_projections()
         self.dropout = nn.Dropout(args.dropout)
 
     def forward(self, x):
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        if self.w13 is None:
+            gate, up = self.w1(x), self.w3(x)
+        else:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(gate) * up))
 
 
 class TransformerBlock(nn.Module):
@@ -142,8 +153,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, start_pos=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -160,6 +171,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(args.head_dim, args.max_seq_len)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
+        self.classifier: Optional[torch.Tensor] = None  # set for inference: setup_classifier()
         self.apply(self._init_weights)
         for name, param in self.named_parameters():
             if name.endswith(("w3.weight", "wo.weight")):
@@ -170,10 +182,11 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, targets=None, start_pos: Optional[int] = None, all_logits=False):
+    def forward(self, tokens, targets=None, input_pos=None, all_logits=False):
         """With targets: logits for every position and the mean cross entropy (ignoring -1).
-        Without: logits of the last position only (all of them if all_logits), loss None."""
-        h = self.hidden_states(tokens, start_pos)
+        Without: logits of the last position only (all of them if all_logits), loss None.
+        input_pos (set by prefill/decode_step): the tokens' positions, where they go in the cache."""
+        h = self.hidden_states(tokens, input_pos)
         if targets is not None:
             logits = self.output(h)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
@@ -181,20 +194,39 @@ class Transformer(nn.Module):
             return logits, loss
         return self.output(h if all_logits else h[:, [-1], :]), None
 
-    def hidden_states(self, tokens, start_pos: Optional[int] = None):
-        """The final-norm outputs; start_pos (set by prefill/decode_step) is where the tokens go
-        in the KV cache."""
+    def hidden_states(self, tokens, input_pos=None):
+        """The final-norm outputs. Without input_pos the tokens are positions 0.. and attend
+        causally among themselves; with it they are written into the KV cache at those positions
+        and attend to every cached position up to their own."""
         seq = tokens.shape[1]
-        offset = start_pos or 0
-        if offset + seq > self.args.max_seq_len:
-            raise ValueError(f"{offset + seq} positions exceed max_seq_len {self.args.max_seq_len}")
-        cos, sin = self.freqs_cos[offset:offset + seq], self.freqs_sin[offset:offset + seq]
+        if input_pos is None:
+            if seq > self.args.max_seq_len:
+                raise ValueError(f"{seq} positions exceed max_seq_len {self.args.max_seq_len}")
+            cos, sin, mask = self.freqs_cos[:seq], self.freqs_sin[:seq], None
+        else:
+            cos, sin = self.freqs_cos[input_pos], self.freqs_sin[input_pos]
+            cache_len = self.layers[0].attention.kv_cache.k.shape[2]
+            mask = torch.arange(cache_len, device=tokens.device) <= input_pos[:, None]
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos)
+            h = layer(h, cos, sin, input_pos, mask)
         return self.norm(h)
 
     # ---- inference -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fuse_projections(self):
+        """For inference: wq, wk, wv become one matmul, and so do w1, w3. A decode step's
+        matmuls are small enough that each call's fixed cost counts (docs/benchmarks.md)."""
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            if attn.wqkv is None:
+                attn.wqkv = _concat_linear(attn.wq, attn.wk, attn.wv)
+                del attn.wq, attn.wk, attn.wv
+            if ffn.w13 is None:
+                ffn.w13 = _concat_linear(ffn.w1, ffn.w3)
+                del ffn.w1, ffn.w3
+        return self
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
         param = self.tok_embeddings.weight
@@ -202,56 +234,74 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len,
                                                self.args.head_dim, param.dtype, param.device)
 
+    def setup_classifier(self):
+        # a one-row float32 product against (dim, vocab) runs about 1.5-3x faster on a CPU
+        # than nn.Linear's (vocab, dim); in bfloat16 it is the other way round (measured)
+        linear = type(self.output) is nn.Linear
+        weight = self.output.weight
+        self.classifier = weight.t().contiguous() if linear and weight.dtype == torch.float32 else None
+
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.kv_cache = None
+        self.classifier = None
 
-    def next_token_logits(self, h, classifier):
-        """Logits of the last position. classifier is output.weight laid out (dim, vocab): a
-        one-row product against that layout runs about 3x faster on a CPU than nn.Linear's."""
-        return h[:, -1, :] @ classifier
+    def next_token_logits(self, h):
+        h = h[:, -1, :]
+        return h @ self.classifier if self.classifier is not None else self.output(h)
 
-    def prefill(self, tokens, classifier):
+    def prefill(self, tokens):
         """Run the whole prompt through the model once, filling the cache; last logits."""
-        return self.next_token_logits(self.hidden_states(tokens, start_pos=0), classifier)
+        input_pos = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.next_token_logits(self.hidden_states(tokens, input_pos))
 
-    def decode_step(self, token, pos: int, classifier):
-        """One new token per sample at position pos; returns its logits."""
-        return self.next_token_logits(self.hidden_states(token, start_pos=pos), classifier)
+    def decode_step(self, token, input_pos):
+        """One new token per sample at position input_pos (a 1-element tensor); its logits."""
+        return self.next_token_logits(self.hidden_states(token, input_pos))
+
+    def compiled_decode_step(self):
+        """decode_step compiled once: the same graph serves every position. torch.compile
+        itself is lazy, so this costs nothing until the first call."""
+        if getattr(self, "_compiled_step", None) is None:
+            self._compiled_step = torch.compile(self.decode_step, fullgraph=True)
+        return self._compiled_step
 
     @torch.inference_mode()
     def generate(self, prompt, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
-                 stop_ids=(), use_cache=True, generator=None) -> Iterator[torch.Tensor]:
+                 stop_ids=(), use_cache=True, generator=None, compile=False) -> Iterator[torch.Tensor]:
         """Yield a (batch,) tensor of new token ids per step. A sample that produced a stop id
-        keeps yielding that id; the loop ends once every sample has stopped."""
+        keeps yielding that id; the loop ends once every sample has stopped. compile: run the
+        decode step through torch.compile (the prompt's prefill stays eager)."""
         batch, prompt_len = prompt.shape
         # the last new token is never fed back in, so prompt + new - 1 positions must fit
         max_new_tokens = min(max_new_tokens, self.args.max_seq_len - prompt_len + 1)
         stop = torch.tensor(list(stop_ids) or [-1], device=prompt.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
         tokens = prompt
-        classifier = self.output.weight.t().contiguous()  # a copy, for this call only
+        step_fn = self.compiled_decode_step() if compile else self.decode_step
+        input_pos = torch.tensor([prompt_len], device=prompt.device)
+        self.setup_classifier()
         if use_cache:
             self.setup_cache(batch, prompt_len + max_new_tokens - 1)
         try:
             for step in range(max_new_tokens):
                 if not use_cache:
-                    logits = self.next_token_logits(self.hidden_states(tokens), classifier)
+                    logits = self.next_token_logits(self.hidden_states(tokens))
                 elif step == 0:
-                    logits = self.prefill(prompt, classifier)
+                    logits = self.prefill(prompt)
                 else:
-                    logits = self.decode_step(tokens, prompt_len + step - 1, classifier)
-                nxt = sample(logits, temperature, top_k, top_p, generator)
-                nxt = torch.where(finished, tokens[:, -1], nxt)
-                finished |= torch.isin(nxt, stop)
+                    logits = step_fn(tokens, input_pos)
+                    input_pos += 1  # in place: the next step sees the same tensor, one further
+                next_token = sample(logits, temperature, top_k, top_p, generator)
+                next_token = torch.where(finished, tokens[:, -1], next_token)
+                finished |= torch.isin(next_token, stop)
                 # the cached path only ever feeds back the newest token
-                tokens = nxt[:, None] if use_cache else torch.cat((tokens, nxt[:, None]), dim=1)
-                yield nxt
+                tokens = next_token[:, None] if use_cache else torch.cat((tokens, next_token[:, None]), dim=1)
+                yield next_token
                 if finished.all():
                     break
         finally:
-            if use_cache:
-                self.clear_cache()
+            self.clear_cache()
 
     # ---- training helpers ------------------------------------------------------------------
 
@@ -275,6 +325,12 @@ class Transformer(nn.Module):
         return self.flops_per_token() * tokens_per_s / peak_flops
 
 
+def _concat_linear(*linears):
+    out = nn.Linear(linears[0].in_features, sum(l.out_features for l in linears), bias=False)
+    out.weight = nn.Parameter(torch.cat([l.weight for l in linears]), requires_grad=False)
+    return out
+
+
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row: greedy at temperature 0, else from the tempered distribution
     cut to the top_k tokens and then to the smallest set holding top_p of the mass."""
@@ -282,13 +338,16 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # torch.topk returns its k values sorted, so top_p needs no further sort
+        logits, ids = torch.topk(logits, top_k, dim=-1)
+    elif top_p is not None and top_p < 1.0:
+        logits, ids = torch.sort(logits, descending=True, dim=-1)
+    else:
+        ids = None
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
+        probs = logits.softmax(dim=-1)
         # drop a token once the mass BEFORE it already reaches top_p; the first always stays
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        logits = logits.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)

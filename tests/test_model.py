@@ -211,11 +211,11 @@ def test_chunked_prefill_after_cached_prefix_matches_full_forward(n_kv_heads):
     with torch.no_grad():
         full = model(tokens, all_logits=True)[0]
         model.setup_cache(3, 32)
-        classifier = model.output.weight.t().contiguous()
+        model.setup_classifier()
         try:
-            first = model.prefill(tokens[:, :6], classifier)                # positions 0..5
-            chunk = model(tokens[:, 6:15], start_pos=6, all_logits=True)[0]  # 6..14, one call
-            steps = [model.decode_step(tokens[:, p:p + 1], p, classifier) for p in range(15, 20)]
+            first = model.prefill(tokens[:, :6])                             # positions 0..5
+            chunk = model(tokens[:, 6:15], input_pos=torch.arange(6, 15), all_logits=True)[0]
+            steps = [model.decode_step(tokens[:, p:p + 1], torch.tensor([p])) for p in range(15, 20)]
         finally:
             model.clear_cache()
     # float32 rounding differs between one long and several short attention calls: 1e-4

@@ -1,0 +1,146 @@
+"""The fast sampling path: the compiled decode step against the eager one, int8 weights against
+float32, and the kernel's fallback. Nothing here is timed (bench/generation.py measures speed).
+
+A cold torch.compile of stories260K's decode step takes about 35 s on 2 cores, the second model
+about 10 s more; with inductor's cache warm (a second run) both take a few seconds."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import generate
+from checkpoint import load_model
+from docs_reference import greedy_story
+from model import ModelArgs, Transformer
+from quantize import Int8Linear, quantize_int8
+from tokenizer import Tokenizer
+from test_generate import assert_usage_error, run_main
+
+BOS = 1
+
+
+def stories260K(shared_data, quantize="none"):
+    model, _ = load_model(os.path.join(shared_data, "stories260K.pt"))
+    return generate.prepare_for_sampling(model, quantize)
+
+
+def greedy(model, prompt, n, **kwargs):
+    return torch.stack(list(model.generate(prompt, n, temperature=0, **kwargs)), dim=1)
+
+
+# ---- the compiled decode step ----------------------------------------------------------------
+
+def test_compiled_stories260K_prints_the_published_story_without_recompiling(shared_data):
+    model = stories260K(shared_data)
+    eager = greedy(model, torch.tensor([[BOS]]), 200)
+    steps = model.generate(torch.tensor([[BOS]]), 200, temperature=0, compile=True)
+    before = counters["stats"]["unique_graphs"]
+    compiled = [next(steps), next(steps)]  # the prompt's prefill (eager), then the first decode step
+    assert counters["stats"]["unique_graphs"] == before + 1
+    # every later position reuses that one graph: a recompile would raise here
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled += list(steps)
+        again = greedy(model, torch.tensor([[BOS]]), 200, compile=True)  # a new cache, same shapes
+    ids = torch.stack(compiled, dim=1)
+    assert ids.shape == (1, 200)
+    assert torch.equal(ids, eager) and torch.equal(again, eager)
+    tokenizer = Tokenizer(os.path.join(shared_data, "tok512.model"))
+    assert tokenizer.decode(ids[0].tolist()) == greedy_story()
+    assert counters["stats"]["unique_graphs"] == before + 1
+
+
+def test_compiled_matches_eager_on_a_random_stories15M_shaped_model():
+    """stories15M's widths (dim 288, 6 heads, hidden 768, vocab 32000) with 2 of its 6 layers,
+    to keep the compile short; a batch of 3 different prompts."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=288, n_layers=2, n_heads=6, hidden_dim=768, vocab_size=32000,
+                                  max_seq_len=256)).eval()
+    with torch.no_grad():  # weights large enough that the greedy choice is far from uniform
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.1)
+    model.fuse_projections()
+    prompts = torch.randint(3, 32000, (3, 5), generator=torch.Generator().manual_seed(1))
+    eager = greedy(model, prompts, 24)
+    assert len({tuple(r) for r in eager.tolist()}) == 3
+    assert torch.equal(greedy(model, prompts, 24, compile=True), eager)
+
+
+# ---- int8 weights ----------------------------------------------------------------------------
+
+def test_int8_stories260K_keeps_the_greedy_story_and_logits_close(shared_data, capsys):
+    reference = stories260K(shared_data)
+    model = stories260K(shared_data, "int8")
+    # every matmul is int8 (the classifier too), and stories260K's w2 (172 inputs, not a
+    # multiple of 16) is the one shape that falls back, said once
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 5 * 4 + 1  # wqkv, wo, w13, w2 in 5 layers; the classifier and all(m.weight.dtype == torch.int8 for m in linears)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert [m.in_features for m in linears if not m.use_kernel] == [172] * 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "172" in err[0] and "multiple of 16" in err[0], err
+
+    ref_ids = greedy(reference, torch.tensor([[BOS]]), 200)
+    ids = greedy(model, torch.tensor([[BOS]]), 200)
+    assert torch.equal(ids[:, :50], ref_ids[:, :50])
+    # per-token logits along the float32 model's story (measured: max 0.39 of logits up to 22)
+    tokens = torch.cat((torch.tensor([[BOS]]), ref_ids), dim=1)
+    with torch.no_grad():
+        want, got = reference(tokens, all_logits=True)[0], model(tokens, all_logits=True)[0]
+    assert want.abs().max() > 10
+    assert (got - want).abs().max() < 0.6
+    assert (got - want).abs().mean() < 0.1
+    assert not torch.equal(got, want)  # really quantized
+
+
+@pytest.mark.parametrize("in_features, kernel", [(64, True), (40, False), (172, False)])
+def test_int8_linear_is_right_on_and_off_the_kernel(in_features, kernel):
+    """The layer against the dequantized weight, at batch sizes 1, 3 and 8 (the kernel
+    blocks rows by 4). 40 and 172 inputs would give the kernel wrong results or a crash."""
+    torch.manual_seed(in_features)
+    weight = torch.randn(100, in_features)
+    layer = Int8Linear(weight, use_kernel=kernel)
+    dequantized = layer.weight.float() * layer.scales.float()[:, None]
+    # the quantization error of one weight is at most half a step
+    assert ((dequantized - weight).abs() <= layer.scales.float()[:, None] * 0.5001).all()
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, in_features)
+        # on the kernel the activations are rounded to bfloat16, so compare to that input
+        x_in = x.bfloat16().float() if kernel else x
+        torch.testing.assert_close(layer(x), F.linear(x_in, dequantized), rtol=1e-2, atol=1e-2)
+
+
+def test_quantize_says_once_which_shapes_fall_back():
+    args = ModelArgs(dim=48, n_layers=3, n_heads=4, hidden_dim=40, vocab_size=64, max_seq_len=16)
+    messages = []
+
+    class Stream:
+        def write(self, text):
+            messages.append(text)
+
+    model = quantize_int8(Transformer(args).eval(), stream=Stream())
+    text = "".join(messages)
+    assert text.count("\n") == 1 and "w2 48x40 (3x)" in text, text
+    assert sum(not m.use_kernel for m in model.modules() if isinstance(m, Int8Linear)) == 3
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+def test_cli_int8_bfloat16_and_flag_errors(shared_data, capsys):
+    model = os.path.join(shared_data, "stories260K.pt")
+    story = greedy_story()
+    result = run_main(capsys, f"--model_path={model}", "--temperature=0", "--max_new_tokens=60",
+                      "--device=cpu", "--quantize=int8")
+    assert result.returncode == 0, result.stderr
+    # the first 50 tokens are the float32 story's, so its first line matches in full
+    assert result.stdout.startswith(story.split("\n")[0][:100])
+    assert "int8 weights" in result.stderr and result.stderr.count("int8: ") == 1
+    result = run_main(capsys, f"--model_path={model}", "--temperature=0", "--max_new_tokens=30",
+                      "--device=cpu", "--dtype=bfloat16")
+    assert result.returncode == 0, result.stderr
+    assert_usage_error(run_main(capsys, f"--model_path={model}", "--compile", "--no_kv_cache",
+                                "--device=cpu"), "--compile", "--no_kv_cache")
+    assert_usage_error(run_main(capsys, f"--model_path={model}", "--quantize=int4", "--device=cpu"),
+                       "--quantize")
