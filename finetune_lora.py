@@ -55,9 +55,12 @@ class LoRATraining(train.FullTraining):
         model.load_state_dict(base.state_dict)
         apply_lora(model, parse_targets(cfg["lora_targets"]), cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"])
         if resume is not None:
-            saved = {k: resume.config.get(k) for k in ("lora_rank", "lora_targets")}
-            if saved != {"lora_rank": cfg["lora_rank"], "lora_targets": cfg["lora_targets"]}:
-                raise UsageError(f"init_from=resume: this run used {saved}; resume with the same settings")
+            # every setting that shapes or scales the adapters: a changed alpha would silently rescale them
+            keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+            saved, now = {k: resume.config.get(k) for k in keys}, {k: cfg[k] for k in keys}
+            if saved != now:
+                changed = ", ".join(f"{k} {saved[k]!r} (now {now[k]!r})" for k in keys if saved[k] != now[k])
+                raise UsageError(f"init_from=resume: this run used {changed}; resume with the same settings")
             model.load_state_dict(resume.extra["lora_state"], strict=False)
         return model
 

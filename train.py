@@ -11,10 +11,13 @@ evaluation, at the end and on Ctrl-C: what --init_from=resume continues), best.p
 loss) and ckpt.pt (= best.pt, llama2.c's name: point generate.py at it), metrics.jsonl and
 loss.png.
 """
+import fcntl
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -58,7 +61,11 @@ DEFAULTS = dict(
     peak_flops=0.0,  # for MFU; 0: the GPU's datasheet bf16 peak, or a matmul measured on the CPU
 )
 CHOICES = {"dataset": ("pretrain", "instruct"), "vocab_source": ("llama2", "custom"), "dtype": DTYPE_NAMES}
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM datasheets
+# dense bf16 FLOP/s from the datasheets, by what torch.cuda.get_device_name() says: the first
+# entry whose words all appear in the name wins, so the PCIe and NVL cards come before the SXM
+# ones ("NVIDIA H100 80GB HBM3" is an SXM H100); a GPU not listed gets a measured matmul peak
+GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+                 ("H200 NVL", 835e12), ("H200", 989e12), ("A100", 312e12)]
 
 
 class TrainingError(ToolError):
@@ -106,10 +113,19 @@ def peak_flops(cfg, device_type) -> (float, str):
         return cfg["peak_flops"], "stated by peak_flops"
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
-        for key, flops in GPU_PEAK_BF16.items():
-            if key in name:
-                return flops, f"{name} datasheet bf16 dense peak"
+        flops = gpu_peak_bf16(name)
+        if flops:
+            return flops, f"{name} datasheet bf16 dense peak"
     return measure_matmul_flops(cfg["device"], torch_dtype(cfg["dtype"])), f"measured {cfg['dtype']} matmul on {cfg['device']}"
+
+
+def gpu_peak_bf16(name: str):
+    """The datasheet peak for a GPU name, or None when the card is not in GPU_PEAK_BF16."""
+    words = name.upper().replace("-", " ").split()
+    for model, flops in GPU_PEAK_BF16:
+        if all(word in words for word in model.upper().split()):
+            return flops
+    return None
 
 
 def measure_matmul_flops(device, dtype, n=1024, seconds=0.3) -> float:
@@ -164,6 +180,7 @@ class Processes:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")
 
     @property
     def master(self) -> bool:
@@ -173,7 +190,7 @@ class Processes:
 def start_processes(cfg) -> Processes:
     """Join the torchrun job, if there is one (RANK is set), and take this process's device."""
     if int(os.environ.get("RANK", -1)) == -1:
-        return Processes()
+        return Processes(device=training_device(cfg["device"]))
     dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo")
     procs = Processes(True, dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
     if cfg["device"].startswith("cuda"):
@@ -181,7 +198,16 @@ def start_processes(cfg) -> Processes:
         torch.cuda.set_device(cfg["device"])
     else:  # share the cores out: oversubscribed gloo processes crawl
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", procs.world))))
+    procs.device = training_device(cfg["device"])
     return procs
+
+
+def training_device(name) -> torch.device:
+    """The device with its index, as the tensors made on it report it ("cuda" -> "cuda:0")."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def open_training_data(cfg, args: ModelArgs):
@@ -203,13 +229,75 @@ def load_resume_point(last_path):
 
 
 def restore_state(resume, optimizer, scaler, sampler):
-    """Optimizer, loss scaler, data position and RNG as they were when last.pt was written;
-    returns (iter_num, best_val_loss)."""
+    """Optimizer, loss scaler and data position as they were when last.pt was written; returns
+    (iter_num, best_val_loss). The random numbers need no saving: see seed_iteration."""
     optimizer.load_state_dict(resume.extra["optimizer"])
     scaler.load_state_dict(resume.extra["scaler"])
     sampler.set_state(resume.extra["loader_state"])
-    torch.set_rng_state(resume.extra["rng_state"])
     return resume.extra["iter_num"], resume.extra["best_val_loss"]
+
+
+def seed_iteration(cfg, procs, iter_num):
+    """Seed every generator (CPU and GPU) from (seed, rank, iteration) before each step: dropout
+    then draws the same numbers in a resumed run as in an uninterrupted one, on every rank and
+    device, with no generator state to save, and differs between ranks."""
+    torch.manual_seed((cfg["seed"] * 1_000_003 + iter_num) * 1_009 + procs.rank)
+
+
+def all_reduce(tensor, procs, op=dist.ReduceOp.SUM):
+    """dist.all_reduce for a tensor on this process's training device: NCCL takes nothing else,
+    so the check runs under gloo too and CPU tests catch a misplaced tensor."""
+    if tensor.device != procs.device:
+        raise RuntimeError(f"all_reduce of a tensor on {tensor.device}; the training device is {procs.device}")
+    dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+class StopRequest:
+    """The first Ctrl-C (SIGINT) only asks the loop to stop after the iteration it is in, so the
+    checkpoint it then writes never holds a step whose iteration was not counted; a second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.handle)
+        else:  # signal handlers live in the main thread only
+            self.previous = None
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def close(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def lock_out_dir(out_dir):
+    """Hold out_dir/.lock (flock) for the run's life: a second run on the same out_dir refuses in
+    one line. The OS releases the lock when its process dies, so a crashed run never leaves it
+    stuck; temporary files such a run left behind are removed here, under the lock."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise UsageError(f"out_dir={out_dir}: another training run (pid {holder}) is using it; "
+                         f"wait for it to finish or choose another out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    for name in os.listdir(out_dir):
+        if name.startswith(".") and name.endswith(".tmp"):  # cli.atomic_write's, from a killed run
+            os.remove(os.path.join(out_dir, name))
+    return lock
 
 
 @torch.no_grad()
@@ -218,15 +306,17 @@ def estimate_losses(model, eval_sets, cfg, procs, autocast) -> dict:
     model.eval()
     losses = {}
     for split, (data, batches) in eval_sets.items():
-        total = torch.zeros(2)
+        total = torch.zeros(2, device=procs.device)  # summed loss, batches: no host sync per batch
         for i, rows in enumerate(batches):
             if i % procs.world == procs.rank:
                 x, y = data.get(rows, cfg["device"])
                 with autocast:
-                    total += torch.tensor([model(x, y)[1].item(), 1.0])
+                    loss = model(x, y)[1]
+                total += torch.stack([loss.detach().float(), torch.ones((), device=procs.device)])
         if procs.ddp:
-            dist.all_reduce(total)
-        losses[split] = (total[0] / total[1]).item()
+            all_reduce(total, procs)
+        loss_sum, count = total.tolist()
+        losses[split] = loss_sum / count
     model.train()
     return losses
 
@@ -260,6 +350,7 @@ def train(config, recipe=None) -> dict:
     autocast = nullcontext() if cfg["dtype"] == "float32" else torch.autocast(device_type, dtype=torch_dtype(cfg["dtype"]))
     out_dir, last_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "last.pt")
 
+    lock = lock_out_dir(out_dir) if procs.master else None
     resume = load_resume_point(last_path) if cfg["init_from"] == "resume" else None
     torch.manual_seed(cfg["seed"])  # the same initial weights in every process
     model = recipe.build(cfg, resume)
@@ -270,7 +361,6 @@ def train(config, recipe=None) -> dict:
     sampler = BatchSampler(train_data, cfg["batch_size"], accum, procs.world, procs.rank, cfg["seed"])
     eval_sets = {"train": (train_data, fixed_batches(train_data, cfg["eval_iters"], cfg["batch_size"], cfg["seed"] + 1)),
                  "val": (val_data, fixed_batches(val_data, cfg["eval_iters"], cfg["batch_size"], cfg["seed"] + 2))}
-    torch.manual_seed(cfg["seed"] + procs.rank)  # dropout differs between processes
     iter_num, best_val_loss = restore_state(resume, optimizer, scaler, sampler) if resume else (0, float("inf"))
     start_iter = iter_num
 
@@ -280,7 +370,6 @@ def train(config, recipe=None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     peak, peak_source = peak_flops(cfg, device_type)
     if procs.master:
-        os.makedirs(out_dir, exist_ok=True)
         print(f"{recipe.name}: {sum(p.numel() for p in model.parameters()):,} parameters "
               f"({sum(p.numel() for p in params):,} trained), {cfg['dataset']} data from {train_data.folder}, up to "
               f"{cfg['batch_size'] * cfg['gradient_accumulation_steps'] * train_data.seq_len:,} tokens/iter, "
@@ -288,11 +377,12 @@ def train(config, recipe=None) -> dict:
               f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     metrics = MetricsLog(out_dir, append=resume is not None, enabled=procs.master)
 
-    def save_last(at_iter, loader_state, rng_state):
+    def save_last(loader_state):
+        """last.pt: everything a resume needs to repeat the run from iter_num on."""
         save_checkpoint(last_path, {
             "kind": "project", **recipe.checkpoint_weights(model), "model_args": model_args_dict(model.args),
-            "config": cfg, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": at_iter,
-            "best_val_loss": best_val_loss, "loader_state": loader_state, "rng_state": rng_state})
+            "config": cfg, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
+            "best_val_loss": best_val_loss, "loader_state": loader_state})
         recipe.after_save(model, cfg, last_path, False)
 
     def last_good():
@@ -300,11 +390,11 @@ def train(config, recipe=None) -> dict:
 
     from tqdm import tqdm
     bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not procs.master, dynamic_ncols=True, leave=False)
+    stop = StopRequest()
     last_loss, t_start = float("nan"), time.time()
     try:
         while True:
-            # where this iteration starts: what an interruption saves, so resume repeats it exactly
-            loader_state, rng_state = sampler.get_state(), torch.get_rng_state()
+            loader_state = sampler.get_state()  # where this iteration's rows come from
             due = iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]
             if due and not (resume and iter_num == start_iter):
                 t0 = time.time()
@@ -320,14 +410,16 @@ def train(config, recipe=None) -> dict:
                     bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     is_best = losses["val"] < best_val_loss
                     best_val_loss = min(best_val_loss, losses["val"])
-                    save_last(iter_num, loader_state, rng_state)
+                    save_last(loader_state)
                     if is_best:
                         save_best(out_dir, last_path)
                         recipe.after_save(model, cfg, os.path.join(out_dir, "best.pt"), True)
             if iter_num >= cfg["max_iters"]:
                 break
             t0, lr = time.time(), get_lr(iter_num, cfg)
-            last_loss, iter_tokens = train_step(train_model, sampler, optimizer, scaler, params, lr, cfg, accum, procs, autocast)
+            seed_iteration(cfg, procs, iter_num)
+            last_loss, iter_tokens, seq_len, stop_now = train_step(train_model, sampler, optimizer, scaler, params, lr,
+                                                                   cfg, accum, procs, autocast, stop)
             if not math.isfinite(last_loss):
                 raise TrainingError(f"loss is {last_loss} at iter {iter_num}: stopped before applying that "
                                     f"step; the last good checkpoint is {last_good()}")
@@ -339,18 +431,26 @@ def train(config, recipe=None) -> dict:
             if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
                 dt = time.time() - t0
                 tokens_per_s = iter_tokens * procs.world / dt
-                mfu = model.estimate_mfu(tokens_per_s / procs.world, peak)
+                mfu = model.estimate_mfu(tokens_per_s / procs.world, peak, seq_len)
                 metrics.write({"iter": iter_num, "loss": last_loss, "lr": lr, "tokens_per_s": tokens_per_s,
                                "mfu": mfu, "time_ms": dt * 1000})
                 bar.set_postfix_str(f"loss {last_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s MFU {mfu:.1%}")
+            # Ctrl-C during the iteration: it is complete and counted now. Under DDP the request
+            # travels with the step's all_reduce, so that every process stops after the same step
+            if stop_now or (stop.requested and not procs.ddp):
+                loader_state = sampler.get_state()
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if procs.master:
-            save_last(iter_num, loader_state, rng_state)
+        if procs.master:  # the state at the start of iteration iter_num: resume repeats it exactly
+            save_last(loader_state)
             bar.write(f"interrupted at iter {iter_num}: saved {last_path} (continue with --init_from=resume)")
         raise
     finally:
+        stop.close()
         bar.close()
         metrics.close()
+        if lock:
+            lock.close()
         if procs.ddp:
             dist.destroy_process_group()
     if procs.master:
@@ -360,27 +460,32 @@ def train(config, recipe=None) -> dict:
     return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_loss": last_loss}
 
 
-def train_step(train_model, sampler, optimizer, scaler, params, lr, cfg, accum, procs, autocast):
-    """One iteration's forward and backward passes over its micro-batches, gradients clipped;
-    returns (mean loss, tokens seen). The caller applies the step once the loss is finite."""
+def train_step(train_model, sampler, optimizer, scaler, params, lr, cfg, accum, procs, autocast, stop):
+    """One iteration's forward and backward passes over its micro-batches, gradients clipped.
+    Returns (mean loss, tokens, mean row length, whether any process was asked to stop); the
+    caller applies the step once the loss is finite."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum, tokens = torch.zeros((), device=cfg["device"]), 0
+    loss_sum, tokens, rows = torch.zeros((), device=procs.device), 0, 0
     for micro, (x, y) in enumerate(sampler.iteration(cfg["device"])):
-        tokens += x.numel()  # instruct batches are cut to their longest row
+        tokens, rows = tokens + x.numel(), rows + x.shape[0]  # instruct batches are cut to their longest row
         # DDP averages gradients once, on the last micro-step
         with train_model.no_sync() if procs.ddp and micro < accum - 1 else nullcontext():
             with autocast:
                 _, loss = train_model(x, y)
             loss_sum += loss.detach().float()
             scaler.scale(loss / accum).backward()
+    # one all_reduce carries the loss and the stop request: every process stops after the same step.
+    # SUM, not AVG: gloo's AVG is missing from older PyTorch
+    shared = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=procs.device)])
     if procs.ddp:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    loss = loss_sum.item() / accum
+        all_reduce(shared, procs)
+    loss_total, stops = shared.tolist()
+    loss = loss_total / accum / procs.world
     if math.isfinite(loss) and cfg["grad_clip"] > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-    return loss, tokens
+    return loss, tokens, tokens / rows, stops > 0
 
 
 def main(argv=None, defaults=DEFAULTS, recipe=None):
@@ -388,6 +493,8 @@ def main(argv=None, defaults=DEFAULTS, recipe=None):
         train(parse_settings(sys.argv[1:] if argv is None else argv, defaults), recipe)
         return 0
     except ToolError as exc:  # bad settings, data or checkpoints: 2; a run that had to stop: 1
+        return report_error(exc)
+    except OSError as exc:  # a full disk, a read-only folder: the message names the file
         return report_error(exc)
     except ValueError as exc:  # a model shape that does not divide (ModelArgs), bad LoRA settings
         print(f"error: {exc}", file=sys.stderr)

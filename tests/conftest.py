@@ -25,3 +25,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_configure(config):
+    # slow tests still run in `make test` (and CI); `-m "not slow"` skips them while iterating
+    config.addinivalue_line("markers", "slow: a fault-tolerance test that runs whole training processes")

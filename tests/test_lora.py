@@ -183,6 +183,20 @@ def test_the_bases_vocabulary_decides_the_data_folder(tmp_path, capsys):
     assert f"instruct{VOCAB}" in err and f"prepare_instruct_data.py --vocab_size={VOCAB}" in err, err
 
 
+@pytest.mark.parametrize("changed", [dict(lora_alpha=8.0), dict(lora_dropout=0.2), dict(lora_rank=4)])
+def test_lora_resume_refuses_changed_adapter_settings(tmp_path, capsys, changed):
+    """A resumed adapter keeps its scale: another alpha (or dropout, rank) is refused in one line."""
+    data_dir = write_instruct_shards(str(tmp_path / "data"))
+    base = save_base(tmp_path / "base.pt", tiny_model())
+    c = lora_config(data_dir, tmp_path / "out", base, max_iters=2, eval_interval=2)
+    assert finetune_lora.main([f"--{k}={v}" for k, v in c.items()]) == 0
+    capsys.readouterr()
+    again = dict(c, init_from="resume", max_iters=4, **changed)
+    assert finetune_lora.main([f"--{k}={v}" for k, v in again.items()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and next(iter(changed)) in err, err
+
+
 @pytest.mark.parametrize("argv, needle", [
     ([], "needs --init_from=PATH"),
     (["--init_from=/nonexistent/base.pt"], "no such checkpoint file"),

@@ -1,0 +1,223 @@
+"""Training that survives faults: Ctrl-C mid-step, a full disk while saving, two runs on one
+out_dir, SIGKILL at random moments, and the DDP and MFU bookkeeping that only a GPU run would
+otherwise show."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import train
+from checkpoint import load_checkpoint
+from test_train import ROOT, free_port, step_losses, tiny_config, write_pretrain_shards
+
+
+@pytest.fixture
+def pretrain_dir(tmp_path):
+    return write_pretrain_shards(str(tmp_path / "data"))
+
+
+def final_weights(out_dir):
+    return load_checkpoint(os.path.join(out_dir, "last.pt")).state_dict
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def temp_files(out_dir):
+    return [name for name in os.listdir(out_dir) if name.endswith(".tmp")]
+
+
+# ---- Ctrl-C, full disk, a second run --------------------------------------------------------------
+
+def test_ctrl_c_inside_the_optimizer_step_does_not_repeat_a_batch(pretrain_dir, tmp_path, monkeypatch):
+    """SIGINT arriving after the weights moved but before the iteration was counted: the run
+    finishes that iteration, saves, and resume continues exactly (before the fix it saved the
+    stepped weights under the old iteration number and replayed a batch)."""
+    settings = dict(max_iters=8, lr_decay_iters=8, eval_interval=100, dropout=0.1)
+    train.train(tiny_config(pretrain_dir, tmp_path / "ref", **settings))
+    real_step = torch.optim.AdamW.step
+    steps = {"n": 0}
+
+    def step_then_sigint(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        steps["n"] += 1
+        if steps["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_config(pretrain_dir, tmp_path / "cut", **settings))
+    assert load_checkpoint(str(tmp_path / "cut" / "last.pt")).extra["iter_num"] == 5
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    train.train(tiny_config(pretrain_dir, tmp_path / "cut", **dict(settings, init_from="resume")))
+    assert step_losses(tmp_path / "ref") == step_losses(tmp_path / "cut")
+    assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut"))
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(pretrain_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    c = tiny_config(pretrain_dir, out, max_iters=10, eval_interval=5)
+    real_save, saves = torch.save, {"n": 0}
+
+    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the second last.pt: half written, then the disk is full
+            with open(f, "wb") as handle:
+                handle.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(28, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    assert train.main([f"--{k}={v}" for k, v in c.items()]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "No space left on device" in err[-1] and "Traceback" not in "\n".join(err)
+    assert load_checkpoint(str(out / "last.pt")).extra["iter_num"] == 0  # the previous one, intact
+    assert temp_files(out) == []
+
+
+def test_a_second_run_on_the_same_out_dir_refuses_and_a_dead_one_does_not_block(pretrain_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [f"--{k}={v}" for k, v in tiny_config(pretrain_dir, out, max_iters=2).items()]
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, '.'); import train; "
+        f"lock = train.lock_out_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)")],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "another training run" in err and str(holder.pid) in err, err
+    finally:
+        holder.kill()  # as a crash would: the lock goes with the process
+        holder.wait()
+    (out / ".last.pt.999999.tmp").write_bytes(b"left by a killed run")
+    assert train.main(argv) == 0
+    assert temp_files(out) == []
+
+
+# ---- bookkeeping a GPU run would otherwise show first -----------------------------------------------
+
+def test_every_tensor_crossing_dist_is_on_the_training_device():
+    procs = train.Processes(ddp=True, device=torch.device("meta"))  # stands for "cuda:0" here
+    with pytest.raises(RuntimeError, match="training device"):
+        train.all_reduce(torch.zeros(2), procs)  # a CPU tensor, as NCCL would refuse it
+
+
+def test_evaluation_and_step_totals_live_on_the_training_device(pretrain_dir, tmp_path, monkeypatch):
+    """Under a fake one-process "DDP", every all_reduce must receive a tensor on procs.device."""
+    seen = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: seen.append(tensor.device))
+    monkeypatch.setattr(train, "start_processes", lambda cfg: train.Processes(ddp=True, device=torch.device("cpu")))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(train, "DDP", lambda model, device_ids=None: NoSyncWrapper(model))
+    train.train(tiny_config(pretrain_dir, tmp_path / "out", max_iters=2, eval_interval=2))
+    assert seen and all(device == torch.device("cpu") for device in seen)
+
+
+class NoSyncWrapper(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model(*args)
+
+    def no_sync(self):
+        from contextlib import nullcontext
+        return nullcontext()
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA GeForce RTX 4090", None)])
+def test_gpu_peak_is_the_cards_own(name, peak):
+    assert train.gpu_peak_bf16(name) == peak
+
+
+def test_mfu_counts_the_length_actually_trained_on(tmp_path):
+    """Instruct rows are cut to the batch's longest example: attention FLOPs follow that length."""
+    from model import ModelArgs, Transformer
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=1024))
+    assert model.estimate_mfu(1000, 1e12, seq_len=100) < model.estimate_mfu(1000, 1e12)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert model.flops_per_token(100) == 6 * n_params + 12 * 2 * 4 * 16 * 100
+
+
+# ---- DDP resume: every rank's dropout repeats ----------------------------------------------------
+
+def torchrun(argv, timeout=180):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "train.py", *argv],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_ddp_resume_with_dropout_repeats_the_run_exactly(pretrain_dir, tmp_path):
+    """Before the fix every rank restored rank 0's generator state, so rank 1's dropout changed."""
+    settings = dict(max_iters=6, lr_decay_iters=6, eval_interval=3, dropout=0.2, batch_size=4,
+                    gradient_accumulation_steps=2)
+    whole = torchrun([f"--{k}={v}" for k, v in tiny_config(pretrain_dir, tmp_path / "whole", **settings).items()])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    first = torchrun([f"--{k}={v}" for k, v in tiny_config(pretrain_dir, tmp_path / "cut", **dict(settings, max_iters=3)).items()])
+    assert first.returncode == 0, first.stderr[-2000:]
+    rest = torchrun([f"--{k}={v}" for k, v in tiny_config(pretrain_dir, tmp_path / "cut", **dict(settings, init_from="resume")).items()])
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    assert step_losses(tmp_path / "whole") == step_losses(tmp_path / "cut")
+    assert_same_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut"))
+
+
+# ---- SIGKILL at random moments -------------------------------------------------------------------
+
+KILL_POINTS = 20
+
+
+def run_cli(argv):
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_breaks_last_pt_and_resume_is_exact(pretrain_dir, tmp_path):
+    """A run killed (SIGKILL: no cleanup at all) at KILL_POINTS moments, half of them while a
+    checkpoint is being written, then resumed until done, ends with exactly the weights of a run
+    never killed; every last.pt on the way loads."""
+    settings = dict(max_iters=30, lr_decay_iters=30, eval_interval=2, dropout=0.1)
+    argv = lambda out, **extra: [f"--{k}={v}" for k, v in tiny_config(pretrain_dir, out, **dict(settings, **extra)).items()]
+    reference = run_cli(argv(tmp_path / "ref"))
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+
+    out, rng = tmp_path / "killed", random.Random(0)
+    kills = during_write = 0
+    while kills < KILL_POINTS:
+        resume = (out / "last.pt").exists()
+        proc = run_cli(argv(out, init_from="resume") if resume else argv(out))
+        if kills % 2:  # wait for this process's checkpoint write to begin (cli.atomic_write's temp name)
+            writing = lambda: out.exists() and any(f".{proc.pid}.tmp" in name for name in temp_files(out))
+            deadline = time.time() + 60
+            while proc.poll() is None and time.time() < deadline and not writing():
+                time.sleep(0.001)
+            during_write += writing()
+        else:
+            time.sleep(rng.uniform(1.0, 4.0))  # start-up is ~1-2 s: some kills land before any step
+        if proc.poll() is not None:
+            break  # finished before this kill: the run is complete
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if (out / "last.pt").exists():
+            load_checkpoint(str(out / "last.pt"))  # never half a file
+    final = run_cli(argv(out, init_from="resume") if (out / "last.pt").exists() else argv(out))
+    assert final.wait(timeout=300) == 0, final.stderr.read()[-2000:]
+    assert kills >= KILL_POINTS // 2 and during_write >= 3, (kills, during_write)
+    assert_same_weights(final_weights(tmp_path / "ref"), final_weights(out))
+    assert temp_files(out) == []
+    print(f"\nSIGKILL: {kills} kills, {during_write} during a checkpoint write; final weights identical")
