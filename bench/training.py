@@ -166,10 +166,11 @@ def gpu_mfu(shape, batch, seq, steps):
     seconds = timed(step, x, y, steps, device)
     tokens_per_s = batch * seq / seconds
     name = torch.cuda.get_device_name()
-    peak = next((f for k, f in train.GPU_PEAK_BF16.items() if k in name), 989e12)
+    listed = train.gpu_peak_bf16(name)
+    peak = listed or 989e12
     print(f"stories{shape} shape (vocab {vocab}), batch {batch} x {seq}, bf16 autocast + compile on {name}: "
           f"{seconds * 1000:.0f} ms/step, {tokens_per_s:,.0f} tokens/s, MFU {model.estimate_mfu(tokens_per_s, peak):.1%} "
-          f"of {peak / 1e12:.0f} TFLOP/s (bf16 dense datasheet peak{'' if any(k in name for k in train.GPU_PEAK_BF16) else ', assumed H100'}); "
+          f"of {peak / 1e12:.0f} TFLOP/s (bf16 dense datasheet peak{'' if listed else ', assumed H100 SXM'}); "
           f"peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
 
 
