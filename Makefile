@@ -1,4 +1,5 @@
 # make demo : the whole pipeline on the offline demo corpus, outputs in out/demo/
+# make demo-finetune : a base pretrained on the demo's plain stories, LoRA-tuned and scored (out/demo/)
 # make test : the test suite
 # Both create or reuse .venv. Pin torch with e.g. `make test TORCH=torch==2.13.0`.
 PYTHON ?= python3
@@ -8,7 +9,7 @@ TORCH ?= torch>=2.13
 TEST_PACKAGES ?= pytest>=7 transformers>=4.40 accelerate
 PYTEST_ARGS ?= -q
 
-.PHONY: demo demo-pipeline test venv
+.PHONY: demo demo-pipeline demo-data demo-finetune demo-finetune-pipeline test venv
 
 $(VENV)/.deps: requirements.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -38,13 +39,29 @@ DEMO_STORY ?= --verb=climb --noun=ring --adjective=messy --features=dialogue
 demo: $(VENV)/.deps
 	@$(MAKE) --no-print-directory demo-pipeline
 
-demo-pipeline:
+demo-data:
 	$(PY) tinystories.py make_demo --data_dir=$(DEMO_DATA) --num_shards=$(DEMO_SHARDS) --stories_per_shard=$(DEMO_STORIES)
 	$(PY) tinystories.py train_vocab --data_dir=$(DEMO_DATA) --vocab_size=$(DEMO_VOCAB) --include_prompts
 	$(PY) prepare_instruct_data.py --data_dir=$(DEMO_DATA) --vocab_size=$(DEMO_VOCAB) --max_seq_len=$(DEMO_SEQ)
+
+demo-pipeline: demo-data
 	$(PY) train.py configs/demo_instruct.py --data_dir=$(DEMO_DATA) --vocab_size=$(DEMO_VOCAB) \
 		--max_seq_len=$(DEMO_SEQ) --out_dir=$(DEMO_DIR)/instruct $(DEMO_TRAIN)
 	@echo "== a story for: $(DEMO_STORY)"
 	$(PY) generate.py --model_path=$(DEMO_DIR)/instruct/ckpt.pt $(DEMO_STORY)
 	$(PY) evaluate.py --model_path=$(DEMO_DIR)/instruct/ckpt.pt --data=$(DEMO_DATA)/instruct$(DEMO_VOCAB) \
 		--num_prompts=$(DEMO_PROMPTS) --held_out_from=$(DEMO_DATA) --report=$(DEMO_DIR)/eval.json
+
+# ---- a base pretrained on the plain demo stories, LoRA-tuned into an instruct model, scored
+DEMO_FT_TRAIN ?=
+
+demo-finetune: $(VENV)/.deps
+	@$(MAKE) --no-print-directory demo-finetune-pipeline
+
+demo-finetune-pipeline: demo-data
+	$(PY) tinystories.py pretokenize --data_dir=$(DEMO_DATA) --vocab_size=$(DEMO_VOCAB)
+	$(PY) train.py configs/demo_base.py --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_DIR)/base $(DEMO_FT_TRAIN)
+	$(PY) finetune_lora.py configs/demo_lora.py --init_from=$(DEMO_DIR)/base/ckpt.pt --data_dir=$(DEMO_DATA) \
+		--out_dir=$(DEMO_DIR)/lora $(DEMO_FT_TRAIN)
+	$(PY) evaluate.py --compare $(DEMO_DIR)/base/ckpt.pt $(DEMO_DIR)/lora/ckpt.pt --data=$(DEMO_DATA)/instruct$(DEMO_VOCAB) \
+		--num_prompts=$(DEMO_PROMPTS) --held_out_from=$(DEMO_DATA) --report=$(DEMO_DIR)/eval_finetune.json

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")
-TARGETABLE = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # `output` is tied to the embedding
+TARGETABLE = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "tok_embeddings")  # `output` is tied to the embedding
 
 
 def merge_lora_pair(weight, lora_a, lora_b, alpha):
@@ -33,6 +33,8 @@ def merge_adapters(state: Dict[str, torch.Tensor], adapters: Dict[str, torch.Ten
             prefix = key.removesuffix(".lora_a")
             merged[f"{prefix}.weight"] = merge_lora_pair(state[f"{prefix}.weight"], adapters[key],
                                                          adapters[f"{prefix}.lora_b"], alpha)
+            if prefix == "tok_embeddings" and "output.weight" in merged:  # the classifier is tied to it
+                merged["output.weight"] = merged["tok_embeddings.weight"]
     return merged
 
 
@@ -89,6 +91,46 @@ class LoRALinear(nn.Module):
         return f"in={self.in_dim}, out={self.out_dim}, rank={self.rank}, alpha={self.alpha}"
 
 
+class LoRAEmbedding(nn.Module):
+    """The token embedding with a low-rank update, E + B A * alpha / rank (B: vocab x rank, zero at
+    the start; A: rank x dim), shared with the tied classifier (`output`), as the base ties them.
+    Tokens a base never saw in pretraining (EOS, the instruction's own words when the tokenizer
+    was trained on prompts) keep indistinguishable embeddings there; this is what lets them move."""
+
+    def __init__(self, vocab: int, dim: int, rank: int, alpha: float):
+        super().__init__()
+        self.in_dim, self.out_dim, self.rank, self.alpha = vocab, dim, rank, float(alpha)  # weight is out x in = vocab x dim
+        self.scaling = self.alpha / rank
+        self.weight = nn.Parameter(torch.empty(vocab, dim), requires_grad=False)
+        self.lora_a = nn.Parameter(torch.empty(rank, dim))
+        self.lora_b = nn.Parameter(torch.zeros(vocab, rank))
+        nn.init.normal_(self.lora_a, std=1.0 / math.sqrt(dim))
+
+    def forward(self, tokens):
+        return F.embedding(tokens, self.weight) + F.embedding(tokens, self.lora_b) @ self.lora_a * self.scaling
+
+    def logits(self, h):
+        return F.linear(h, self.weight) + F.linear(F.linear(h, self.lora_a), self.lora_b) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        return merge_lora_pair(self.weight.detach(), self.lora_a.detach(), self.lora_b.detach(), self.alpha)
+
+
+class _TiedOutput(nn.Module):
+    """The classifier of a model whose embedding is a LoRAEmbedding: the same (adapted) matrix."""
+
+    def __init__(self, embedding: LoRAEmbedding):
+        super().__init__()
+        self._embedding = [embedding]  # a list: not a submodule, so no second copy in state_dict
+
+    @property
+    def weight(self):
+        return self._embedding[0].merged_weight()
+
+    def forward(self, h):
+        return self._embedding[0].logits(h)
+
+
 def parse_targets(targets) -> List[str]:
     """'wq,wk' or ['wq', 'wk'] -> ['wq', 'wk'], checked against the adaptable layer names."""
     names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
@@ -111,13 +153,19 @@ def apply_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank:
             if child_name in targets and isinstance(child, nn.Linear):
                 setattr(module, child_name, LoRALinear.from_linear(child, rank, alpha, dropout))
                 replaced += 1
+    if "tok_embeddings" in targets and isinstance(getattr(model, "tok_embeddings", None), nn.Embedding):
+        old = model.tok_embeddings
+        emb = LoRAEmbedding(old.num_embeddings, old.embedding_dim, rank, alpha).to(old.weight.device, old.weight.dtype)
+        emb.weight = nn.Parameter(old.weight.detach(), requires_grad=False)
+        model.tok_embeddings, model.output = emb, _TiedOutput(emb)
+        replaced += 1
     if not replaced:
         raise ValueError(f"lora targets {','.join(targets)}: no such linear layer in the model")
     return model
 
 
 def lora_modules(model: nn.Module):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
 
 
 def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -132,12 +180,21 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     state = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_a", ".lora_b"))}
     for name, module in lora_modules(model):
         state[f"{name}.weight"] = module.merged_weight()
+        if isinstance(module, LoRAEmbedding):
+            state["output.weight"] = state[f"{name}.weight"]  # tied
     return state
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by an nn.Linear holding W + B A * alpha / rank, in place."""
     for name, module in lora_modules(model):
+        if isinstance(module, LoRAEmbedding):
+            emb = nn.Embedding(*module.weight.shape, device=module.weight.device, dtype=module.weight.dtype)
+            emb.weight = nn.Parameter(module.merged_weight())
+            model.tok_embeddings = emb
+            model.output = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device=emb.weight.device)
+            model.output.weight = emb.weight  # tied again
+            continue
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         linear = nn.Linear(module.in_dim, module.out_dim, bias=False,
                            device=module.weight.device, dtype=module.weight.dtype)

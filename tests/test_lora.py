@@ -10,7 +10,7 @@ import dataset
 import finetune_lora
 import train
 from checkpoint import CheckpointError, load_checkpoint, load_model, model_args_dict, save_checkpoint
-from lora import LoRALinear, apply_lora, merge_lora, merged_state_dict
+from lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, merged_state_dict
 from model import ModelArgs, Transformer
 from test_train import VOCAB, read_metrics, step_losses, tiny_config, write_instruct_shards
 
@@ -100,6 +100,32 @@ def test_merged_model_gives_the_adapter_models_logits():
         merge_lora(model)
         assert not any(isinstance(m, LoRALinear) for m in model.modules())
         assert set(model.state_dict()) == set(plain.state_dict())
+        torch.testing.assert_close(model(tokens, all_logits=True)[0], adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_adapter_moves_embedding_and_tied_classifier_alike(tmp_path):
+    """tok_embeddings as a target: one low-rank update serves the embedding and the classifier
+    tied to it, in the adapted model, the merged state dict, merge_lora and an adapter file."""
+    model = apply_lora(tiny_model(), targets=["wq", "tok_embeddings"], rank=3, alpha=6.0).eval()
+    randomize_adapters(model)
+    tokens = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        adapted = model(tokens, all_logits=True)[0]
+        state = merged_state_dict(model)
+        assert torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+        assert not torch.equal(state["tok_embeddings.weight"], tiny_model().tok_embeddings.weight)
+        plain = tiny_model(seed=9).eval()
+        plain.load_state_dict(state)
+        torch.testing.assert_close(plain(tokens, all_logits=True)[0], adapted, rtol=1e-5, atol=1e-5)
+        base = save_base(tmp_path / "base.pt", tiny_model())
+        save_checkpoint(str(tmp_path / "adapter.pt"), {
+            "kind": "lora_adapter", "lora": lora_state_dict(model), "lora_alpha": 6.0, "lora_rank": 3,
+            "base_checkpoint": base})
+        from_file = tiny_model(seed=9).eval()
+        from_file.load_state_dict(load_checkpoint(str(tmp_path / "adapter.pt")).state_dict)
+        torch.testing.assert_close(from_file(tokens, all_logits=True)[0], adapted, rtol=1e-5, atol=1e-5)
+        merge_lora(model)
+        assert model.output.weight is model.tok_embeddings.weight
         torch.testing.assert_close(model(tokens, all_logits=True)[0], adapted, rtol=1e-5, atol=1e-5)
 
 

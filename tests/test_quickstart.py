@@ -34,3 +34,30 @@ def test_shortened_demo_pipeline(tmp_path):
     assert "== a story for:" in done.stdout
     assert done.stdout.rstrip().splitlines()[-1].startswith("evaluated ")
     assert "| stories with all three |" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_shortened_demo_finetune_recipe(tmp_path):
+    """`make demo-finetune` shortened: pretrain a base a few steps, LoRA-tune it a few steps,
+    score both side by side on a few held-out prompts."""
+    demo_dir = tmp_path / "demo"
+    done = subprocess.run(
+        ["make", "--no-print-directory", "demo-finetune-pipeline", f"PY={sys.executable}", f"DEMO_DIR={demo_dir}",
+         "DEMO_SHARDS=2", "DEMO_STORIES=300", "DEMO_PROMPTS=4",
+         "DEMO_FT_TRAIN=--max_iters=4 --eval_interval=2 --eval_iters=1 --batch_size=4 --dim=32 --n_layers=1 "
+         "--n_heads=2 --n_kv_heads=2 --multiple_of=8 --log_interval=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    assert (demo_dir / "data" / "tok1024" / "data01.bin").is_file()
+    base = demo_dir / "base" / "ckpt.pt"
+    adapter = demo_dir / "lora" / "adapter.pt"
+    assert base.is_file() and (demo_dir / "lora" / "ckpt.pt").is_file() and adapter.is_file()
+    assert adapter.stat().st_size < base.stat().st_size
+    reports = json.loads((demo_dir / "eval_finetune.json").read_text())["compare"]
+    assert [os.path.basename(os.path.dirname(r["model_path"])) for r in reports] == ["base", "lora"]
+    for report in reports:
+        assert report["n_prompts"] == 4 and "all_words_rate" in report and "hit_max_new_tokens_rate" in report
+    header = next(line for line in done.stdout.splitlines() if line.startswith("| metric |"))
+    assert "base/ckpt.pt" in header and "lora/ckpt.pt" in header

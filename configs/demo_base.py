@@ -1,0 +1,13 @@
+# The base of `make demo-finetune`: pretrained on the demo corpus's plain stories (make_demo;
+# train_vocab --vocab_size=1024 --include_prompts; pretokenize --vocab_size=1024), in the shape of
+# configs/demo_instruct.py; configs/demo_lora.py then LoRA-tunes it. max_seq_len 192 is the
+# instruct rows' width, so the fine-tune meets no position the base never trained.
+# The 2-core CPU: 800 iterations in about 3-4 minutes.
+dataset, data_dir, out_dir = "pretrain", "data", "out/demo/base"
+vocab_source, vocab_size = "custom", 1024
+dim, n_layers, n_heads, n_kv_heads, multiple_of, max_seq_len = 128, 4, 4, 4, 32, 192
+batch_size, gradient_accumulation_steps = 16, 1
+learning_rate, max_iters, warmup_iters = 3e-3, 800, 50
+eval_interval, eval_iters, log_interval = 400, 5, 50
+dtype = "float32"  # an overhead-bound tiny model: float32 eager beats bf16 autocast on a CPU
+compile = False
