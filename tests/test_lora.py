@@ -269,6 +269,7 @@ def write_story_instruct_data(shared_data, data_dir, width=513, n_val=32):
 
 def stories260K_config(shared_data, data_dir, out_dir, base, **overrides):
     c = dict(finetune_lora.DEFAULTS, init_from=base, data_dir=str(data_dir), out_dir=str(out_dir),
+             lora_rank=2, lora_alpha=1.0, lora_targets="wq,wk,wv,wo",  # the original project's adapters
              tokenizer=os.path.join(shared_data, "tok512.model"), batch_size=8, max_iters=30,
              eval_interval=30, eval_iters=4, warmup_iters=5, learning_rate=1e-2, device="cpu",
              dtype="float32", compile=False, peak_flops=1e12,
