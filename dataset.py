@@ -44,11 +44,17 @@ class TokenWindows(ShardedRows):
     """Pretraining: windows of seq_len+1 tokens at random offsets of the uint16 shards, as llama2.c
     draws them. Each shard is memory-mapped once for the run, not once per batch as in nanoGPT."""
 
-    def __init__(self, folder, files, seq_len):
+    def __init__(self, folder, files, seq_len, vocab_size=None):
+        for f in files:
+            if os.path.getsize(f) % 2:
+                raise UsageError(f"{f}: {os.path.getsize(f)} bytes, not whole uint16 tokens (a truncated shard?)")
         self.shards = [np.memmap(f, dtype=np.uint16, mode="r") for f in files]
         short = [f for f, s in zip(files, self.shards) if len(s) <= seq_len]
         if short:
             raise UsageError(f"{short[0]}: fewer than max_seq_len+1 = {seq_len + 1} tokens")
+        if vocab_size:
+            for f, shard in zip(files, self.shards):
+                check_token_ids(f, shard, vocab_size)
         self.seq_len = seq_len
         super().__init__(folder, [len(s) - seq_len for s in self.shards])
 
@@ -65,14 +71,27 @@ class InstructRows(ShardedRows):
     """Instruct: one example a row (prompt, BOS, story, EOS, zero padding). Targets are -1 except
     for BOS, story and EOS: the model learns to answer a prompt, not to write prompts."""
 
-    def __init__(self, folder, files, max_len):
-        try:
-            self.tokens = [np.load(f, mmap_mode="r") for f in files]
-            self.lengths = [np.load(f.replace(".tokens.npy", ".lengths.npy")) for f in files]
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{folder}: unreadable instruct shard ({exc})") from None
-        if any(t.ndim != 2 or len(t) != len(n) for t, n in zip(self.tokens, self.lengths)):
-            raise UsageError(f"{folder}: tokens and lengths files do not match (expected (n, L) and (n, 2))")
+    def __init__(self, folder, files, max_len, vocab_size=None):
+        self.tokens, self.lengths = [], []
+        for f in files:
+            lengths_file = f.replace(".tokens.npy", ".lengths.npy")
+            try:
+                tokens, lengths = np.load(f, mmap_mode="r"), np.load(lengths_file)
+            except (OSError, ValueError, EOFError) as exc:
+                raise UsageError(f"{f}: unreadable instruct shard ({str(exc).splitlines()[0]})") from None
+            if tokens.dtype != np.uint16 or tokens.ndim != 2 or tokens.shape[1] < 2:
+                raise UsageError(f"{f}: holds {tokens.dtype} {tokens.shape}, expected uint16 (examples, width >= 2)")
+            if lengths.dtype.kind not in "iu" or lengths.shape != (len(tokens), 2):
+                raise UsageError(f"{lengths_file}: holds {lengths.dtype} {lengths.shape}, expected integers "
+                                 f"({len(tokens)}, 2) to match {os.path.basename(f)}")
+            prompt_len, total_len = (lengths[:, 0], lengths[:, 1]) if len(lengths) else (np.ones(1), np.full(1, 2))
+            if not ((prompt_len >= 1) & (prompt_len < total_len) & (total_len <= tokens.shape[1])).all():
+                raise UsageError(f"{lengths_file}: [prompt_len, total_len] outside 1 <= prompt_len < total_len "
+                                 f"<= {tokens.shape[1]}")
+            if vocab_size:
+                check_token_ids(f, tokens, vocab_size)
+            self.tokens.append(tokens)
+            self.lengths.append(lengths)
         self.seq_len = min(self.tokens[0].shape[1] - 1, max_len)
         super().__init__(folder, [len(t) for t in self.tokens])
 
@@ -89,6 +108,19 @@ class InstructRows(ShardedRows):
         position = np.arange(1, width + 1)  # where each target sits in the row
         y[(position < lengths[:, :1]) | (position >= lengths[:, 1:])] = -1
         return to_device(torch.from_numpy(x), device), to_device(torch.from_numpy(y), device)
+
+
+def check_token_ids(path, tokens, vocab_size, block=1 << 24):
+    """Refuse a shard holding ids the model has no embedding for (a shard made with another
+    tokenizer, or damaged), before training reads garbage or fails deep inside the model.
+    One pass in blocks, so a large memory-mapped shard is never held in memory at once."""
+    flat = tokens.reshape(-1)
+    for start in range(0, len(flat), block):
+        largest = int(flat[start:start + block].max(initial=0))
+        if largest >= vocab_size:
+            raise UsageError(f"{path}: holds token id {largest}, but the model's vocabulary has {vocab_size} "
+                             f"(made with another tokenizer?)")
+        _release_pages(tokens)
 
 
 def to_device(tensor, device):
@@ -115,10 +147,10 @@ def open_dataset(cfg, split, model_max_len):
         raise UsageError(f"{folder}: no {split} shards {pattern} (data00 is validation, data01... training); "
                          f"run `python {step} --vocab_size={n} --data_dir={cfg['data_dir']}` first")
     if cfg["dataset"] == "pretrain":
-        return TokenWindows(folder, files, min(cfg["max_seq_len"], model_max_len))
+        return TokenWindows(folder, files, min(cfg["max_seq_len"], model_max_len), cfg["vocab_size"])
     if not os.path.isfile(os.path.join(folder, "meta.json")):
         raise UsageError(f"{folder}: no meta.json, so prepare_instruct_data.py did not finish there; run it again")
-    rows = InstructRows(folder, files, min(cfg["max_seq_len"], model_max_len))
+    rows = InstructRows(folder, files, min(cfg["max_seq_len"], model_max_len), cfg["vocab_size"])
     if rows.seq_len < rows.tokens[0].shape[1] - 1 and split == "train":
         print(f"note: instruct rows hold {rows.tokens[0].shape[1] - 1} positions; cropped to {rows.seq_len} "
               f"(max_seq_len {cfg['max_seq_len']}, model {model_max_len}): long stories lose their end")
