@@ -55,9 +55,7 @@ class LoRATraining(train.FullTraining):
         model.load_state_dict(base.state_dict)
         apply_lora(model, parse_targets(cfg["lora_targets"]), cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"])
         if resume is not None:
-            saved = {k: resume.config.get(k) for k in ("lora_rank", "lora_targets")}
-            if saved != {"lora_rank": cfg["lora_rank"], "lora_targets": cfg["lora_targets"]}:
-                raise UsageError(f"init_from=resume: this run used {saved}; resume with the same settings")
+            check_same_adapter_settings(resume, cfg)
             model.load_state_dict(resume.extra["lora_state"], strict=False)
         return model
 
@@ -72,6 +70,26 @@ class LoRATraining(train.FullTraining):
                 "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
                 "lora_targets": parse_targets(cfg["lora_targets"]), "base_checkpoint": os.path.abspath(self.base_path),
                 "base_sha256": self.base_sha256, "config": cfg})
+
+
+ADAPTER_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def check_same_adapter_settings(resume, cfg):
+    """A resumed adapter must keep its shape and its scaling: another lora_alpha would silently
+    rescale what was learnt (the update is B A * alpha / rank), another dropout would break exact
+    resume. Targets are compared as lists: 'wq, wk' and 'wq,wk' are the same."""
+    def settings(c):
+        values = {k: c.get(k) for k in ADAPTER_SETTINGS}
+        values["lora_alpha"] = float(values["lora_alpha"]) if values["lora_alpha"] is not None else None
+        values["lora_dropout"] = float(values["lora_dropout"]) if values["lora_dropout"] is not None else None
+        values["lora_targets"] = parse_targets(values["lora_targets"]) if values["lora_targets"] else None
+        return values
+    saved, now = settings(resume.config), settings(cfg)
+    changed = [f"{k}={now[k]!r} (the run used {saved[k]!r})" for k in ADAPTER_SETTINGS if saved[k] != now[k]]
+    if changed:
+        raise UsageError(f"init_from=resume: {resume.path} was trained with other LoRA settings: "
+                         f"{', '.join(changed)}; resume with the run's settings")
 
 
 def check_lora_settings(cfg):

@@ -256,3 +256,22 @@ def test_original_projects_lora_checkpoint_is_a_base(shared_data, tmp_path):
     assert first_eval["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     adapter = load_checkpoint(str(out / "adapter.pt"))
     assert os.path.samefile(adapter.extra["base_checkpoint"], base)
+
+
+@pytest.mark.parametrize("changed", [dict(lora_alpha=4.0), dict(lora_dropout=0.0), dict(lora_rank=3),
+                                     dict(lora_targets="wq,wk")])
+def test_lora_resume_refuses_other_adapter_settings(tmp_path, changed, capsys):
+    """A changed lora_alpha would silently rescale the resumed adapter (B A * alpha / rank)."""
+    data_dir = write_instruct_shards(str(tmp_path / "data"))
+    base = save_base(tmp_path / "base.pt", tiny_model())
+    settings = dict(max_iters=2, eval_interval=2, lora_dropout=0.1, lora_alpha=2.0)
+    train.train(lora_config(data_dir, tmp_path / "run", base, **settings), finetune_lora.LoRATraining())
+    capsys.readouterr()
+    c = lora_config(data_dir, tmp_path / "run", base, **dict(settings, max_iters=4, init_from="resume", **changed))
+    assert finetune_lora.main([f"--{k}={v}" for k, v in c.items()]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    name = next(iter(changed))
+    assert len(err) == 1 and f"{name}=" in err[0] and "last.pt" in err[0], err
+    c = lora_config(data_dir, tmp_path / "run", base, **dict(settings, max_iters=4, init_from="resume",
+                                                              lora_targets=" wq, wk,wv ,wo"))
+    assert finetune_lora.main([f"--{k}={v}" for k, v in c.items()]) == 0  # the same targets, spelt otherwise
