@@ -141,7 +141,7 @@ class BatchSampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def iteration(self, device):
-        rows = torch.randint(len(self.data), self.shape, generator=self.generator)
+        rows = torch.randint(len(self.data), self.shape, generator=self.generator, device="cpu")
         for micro in range(self.shape[1]):
             yield self.data.get(rows[self.rank, micro].numpy(), device)
 
@@ -155,4 +155,4 @@ class BatchSampler:
 def fixed_batches(data, n_batches, batch_size, seed):
     """The rows evaluation uses every time, so successive losses are comparable."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(len(data), (batch_size,), generator=generator).numpy() for _ in range(n_batches)]
+    return [torch.randint(len(data), (batch_size,), generator=generator, device="cpu").numpy() for _ in range(n_batches)]

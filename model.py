@@ -264,15 +264,16 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
                                  **({"fused": True} if fused else {}))
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 per parameter plus attention (PaLM appendix B)."""
+    def flops_per_token(self, seq_len=None) -> float:
+        """Training FLOPs per token: 6 per parameter plus attention (PaLM appendix B), whose share
+        grows with the sequence length trained on (max_seq_len unless a shorter one is given)."""
         a = self.args
         n_params = sum(p.numel() for p in self.parameters())
-        return 6 * n_params + 12 * a.n_layers * a.n_heads * a.head_dim * a.max_seq_len
+        return 6 * n_params + 12 * a.n_layers * a.n_heads * a.head_dim * (seq_len or a.max_seq_len)
 
-    def estimate_mfu(self, tokens_per_s: float, peak_flops: float) -> float:
+    def estimate_mfu(self, tokens_per_s: float, peak_flops: float, seq_len=None) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the hardware peak."""
-        return self.flops_per_token() * tokens_per_s / peak_flops
+        return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

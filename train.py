@@ -14,7 +14,9 @@ loss.png.
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 from checkpoint import load_checkpoint, model_args_dict, save_checkpoint
-from cli import DTYPE_NAMES, ToolError, UsageError, atomic_write, bf16_supported, default_device, report_error, torch_dtype
+from cli import (DTYPE_NAMES, ToolError, UsageError, atomic_write, bf16_supported, default_device, lock_folder,
+                 remove_stale_temp_files, report_error, torch_dtype)
 from data_paths import vocab_source
 from dataset import BatchSampler, default_tokenizer, fixed_batches, open_dataset
 from metrics import MetricsLog, plot_losses
@@ -58,7 +61,15 @@ DEFAULTS = dict(
     peak_flops=0.0,  # for MFU; 0: the GPU's datasheet bf16 peak, or a matmul measured on the CPU
 )
 CHOICES = {"dataset": ("pretrain", "instruct"), "vocab_source": ("llama2", "custom"), "dtype": DTYPE_NAMES}
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM datasheets
+# Datasheet dense bf16 peaks by the exact name torch.cuda.get_device_name() reports: variants of one
+# chip differ (an H100 PCIe has 756, not the SXM's 989 TFLOP/s), so a name not listed here is
+# measured instead of guessed from a substring.
+GPU_PEAK_BF16 = {
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+}
 
 
 class TrainingError(ToolError):
@@ -106,9 +117,8 @@ def peak_flops(cfg, device_type) -> (float, str):
         return cfg["peak_flops"], "stated by peak_flops"
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
-        for key, flops in GPU_PEAK_BF16.items():
-            if key in name:
-                return flops, f"{name} datasheet bf16 dense peak"
+        if name in GPU_PEAK_BF16:
+            return GPU_PEAK_BF16[name], f"{name} datasheet bf16 dense peak"
     return measure_matmul_flops(cfg["device"], torch_dtype(cfg["dtype"])), f"measured {cfg['dtype']} matmul on {cfg['device']}"
 
 
@@ -203,32 +213,63 @@ def load_resume_point(last_path):
 
 
 def restore_state(resume, optimizer, scaler, sampler):
-    """Optimizer, loss scaler, data position and RNG as they were when last.pt was written;
-    returns (iter_num, best_val_loss)."""
+    """Optimizer, loss scaler and data position as they were when last.pt was written; returns
+    (iter_num, best_val_loss). No RNG state: seed_iteration derives it from the iteration."""
     optimizer.load_state_dict(resume.extra["optimizer"])
     scaler.load_state_dict(resume.extra["scaler"])
     sampler.set_state(resume.extra["loader_state"])
-    torch.set_rng_state(resume.extra["rng_state"])
     return resume.extra["iter_num"], resume.extra["best_val_loss"]
 
 
+def seed_iteration(seed, rank, iter_num):
+    """Seed every generator (CPU and each CUDA device) from (seed, rank, iter_num) alone, so an
+    iteration's dropout is the same in a resumed run as in an uninterrupted one, on any device and
+    in every process: nothing has to be saved, so nothing can be restored to the wrong process."""
+    torch.manual_seed((seed * 1_000_003 + rank) * 1_000_033 + iter_num)
+
+
+class StopRequests:
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM only asks the loop to stop: it does so at
+    the next safe point, before an iteration's step is applied, so last.pt never pairs updated
+    weights with the iteration counter of the step before. A second Ctrl-C interrupts at once."""
+
+    def __enter__(self):
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.request)
+        return self
+
+    def request(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 @torch.no_grad()
-def estimate_losses(model, eval_sets, cfg, procs, autocast) -> dict:
-    """Mean loss on the fixed evaluation batches of each split, shared out between processes."""
+def estimate_losses(model, eval_sets, cfg, procs, autocast) -> (dict, int):
+    """Mean loss on the fixed evaluation batches of each split, shared out between processes, and
+    the tokens scored. The sums live on the training device: NCCL reduces nothing else."""
     model.eval()
-    losses = {}
+    losses, tokens = {}, 0
     for split, (data, batches) in eval_sets.items():
-        total = torch.zeros(2)
+        total = torch.zeros(3, device=cfg["device"])  # loss sum, batches, tokens
         for i, rows in enumerate(batches):
             if i % procs.world == procs.rank:
                 x, y = data.get(rows, cfg["device"])
                 with autocast:
-                    total += torch.tensor([model(x, y)[1].item(), 1.0])
+                    loss = model(x, y)[1]
+                total += torch.stack([loss.detach().float(), total.new_tensor(1.0), total.new_tensor(x.numel())])
         if procs.ddp:
             dist.all_reduce(total)
-        losses[split] = (total[0] / total[1]).item()
+        loss_sum, count, split_tokens = total.tolist()
+        losses[split], tokens = loss_sum / count, tokens + int(split_tokens)
     model.train()
-    return losses
+    return losses, tokens
 
 
 def link_or_copy(src, dst):
@@ -238,20 +279,54 @@ def link_or_copy(src, dst):
         shutil.copyfile(src, dst)
 
 
-def save_best(out_dir, last_path):
-    """best.pt and ckpt.pt: two more names for last.pt's file (copies where links fail)."""
-    for name in ("best.pt", "ckpt.pt"):
-        atomic_write(os.path.join(out_dir, name), lambda tmp: link_or_copy(last_path, tmp))
+def write_checkpoints(out_dir, state, is_best, after_best):
+    """last.pt and, for a new best, best.pt and ckpt.pt (more names for the same file) and the
+    recipe's extras (after_best). The best files are written before last.pt is renamed into place:
+    a run killed in between resumes from the older last.pt, repeats that evaluation and saves
+    again, so last.pt's best_val_loss is always one that best.pt really holds. A full disk or an
+    I/O error stops the run in one line with the previous last.pt intact and no temporary file."""
+    last_path = os.path.join(out_dir, "last.pt")
+
+    def write(tmp):
+        torch.save(state, tmp)
+        if is_best:
+            for name in ("best.pt", "ckpt.pt"):
+                atomic_write(os.path.join(out_dir, name), lambda tmp_name: link_or_copy(tmp, tmp_name))
+            after_best()
+    try:
+        atomic_write(last_path, write)
+    except OSError as exc:
+        raise TrainingError(f"{last_path}: could not save it ({exc.strerror or exc}); the previous "
+                            f"checkpoint there is kept") from None
+
+
+TRAINING_OUTPUTS = ("last.pt", "best.pt", "ckpt.pt", "adapter.pt", "metrics.jsonl", "loss.png")
 
 
 # ---- the loop ----------------------------------------------------------------------------------
 
 def train(config, recipe=None) -> dict:
     """Run one training job; returns {"iter_num", "best_val_loss", "last_loss"}. recipe says what
-    trains and what checkpoints hold (FullTraining by default)."""
-    recipe, cfg = recipe or FullTraining(), dict(config)
+    trains and what checkpoints hold (FullTraining by default). The master process holds
+    out_dir/.lock for the whole run: a second run on the same out_dir is refused."""
+    cfg = dict(config)
     check_values(cfg)
     procs = start_processes(cfg)
+    try:
+        lock = lock_folder(cfg["out_dir"], "training run") if procs.master else None
+        try:
+            if procs.master:  # what a killed run was writing: only runs holding the lock write here
+                remove_stale_temp_files(cfg["out_dir"], TRAINING_OUTPUTS)
+            return run_training(cfg, recipe or FullTraining(), procs)
+        finally:
+            if lock is not None:
+                lock.close()
+    finally:
+        if procs.ddp:
+            dist.destroy_process_group()
+
+
+def run_training(cfg, recipe, procs) -> dict:
     if cfg["gradient_accumulation_steps"] % procs.world:
         raise UsageError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be "
                          f"divisible by the {procs.world} processes (llama2.c splits it between them)")
@@ -270,7 +345,6 @@ def train(config, recipe=None) -> dict:
     sampler = BatchSampler(train_data, cfg["batch_size"], accum, procs.world, procs.rank, cfg["seed"])
     eval_sets = {"train": (train_data, fixed_batches(train_data, cfg["eval_iters"], cfg["batch_size"], cfg["seed"] + 1)),
                  "val": (val_data, fixed_batches(val_data, cfg["eval_iters"], cfg["batch_size"], cfg["seed"] + 2))}
-    torch.manual_seed(cfg["seed"] + procs.rank)  # dropout differs between processes
     iter_num, best_val_loss = restore_state(resume, optimizer, scaler, sampler) if resume else (0, float("inf"))
     start_iter = iter_num
 
@@ -280,20 +354,19 @@ def train(config, recipe=None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     peak, peak_source = peak_flops(cfg, device_type)
     if procs.master:
-        os.makedirs(out_dir, exist_ok=True)
         print(f"{recipe.name}: {sum(p.numel() for p in model.parameters()):,} parameters "
               f"({sum(p.numel() for p in params):,} trained), {cfg['dataset']} data from {train_data.folder}, up to "
               f"{cfg['batch_size'] * cfg['gradient_accumulation_steps'] * train_data.seq_len:,} tokens/iter, "
               f"{procs.world} process(es), {cfg['device']} {cfg['dtype']}{' compiled' if cfg['compile'] else ''}; "
               f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
-    metrics = MetricsLog(out_dir, append=resume is not None, enabled=procs.master)
+    metrics = MetricsLog(out_dir, resume_from=iter_num if resume else None, enabled=procs.master)
 
-    def save_last(at_iter, loader_state, rng_state):
-        save_checkpoint(last_path, {
-            "kind": "project", **recipe.checkpoint_weights(model), "model_args": model_args_dict(model.args),
-            "config": cfg, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": at_iter,
-            "best_val_loss": best_val_loss, "loader_state": loader_state, "rng_state": rng_state})
-        recipe.after_save(model, cfg, last_path, False)
+    def save_last(at_iter, loader_state, is_best=False):
+        state = {"kind": "project", **recipe.checkpoint_weights(model), "model_args": model_args_dict(model.args),
+                 "config": cfg, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "iter_num": at_iter, "best_val_loss": best_val_loss, "loader_state": loader_state}
+        write_checkpoints(out_dir, state, is_best,
+                          lambda: recipe.after_save(model, cfg, os.path.join(out_dir, "best.pt"), True))
 
     def last_good():
         return last_path if os.path.exists(last_path) else "(none yet)"
@@ -301,58 +374,60 @@ def train(config, recipe=None) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not procs.master, dynamic_ncols=True, leave=False)
     last_loss, t_start = float("nan"), time.time()
+    stop = StopRequests()
     try:
-        while True:
-            # where this iteration starts: what an interruption saves, so resume repeats it exactly
-            loader_state, rng_state = sampler.get_state(), torch.get_rng_state()
-            due = iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]
-            if due and not (resume and iter_num == start_iter):
-                t0 = time.time()
-                losses = estimate_losses(model, eval_sets, cfg, procs, autocast)
-                if not all(map(math.isfinite, losses.values())):
-                    raise TrainingError(f"evaluation loss is {losses['val']} at iter {iter_num}: stopped; "
-                                        f"the last good checkpoint is {last_good()}")
-                eval_tokens = 2 * cfg["eval_iters"] * cfg["batch_size"] * train_data.seq_len
-                metrics.write({"iter": iter_num, "loss": losses["val"], "lr": get_lr(iter_num, cfg), "eval": True,
-                               "tokens_per_s": eval_tokens / (time.time() - t0),
-                               "train_loss": losses["train"], "val_loss": losses["val"]})
-                if procs.master:
-                    bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    is_best = losses["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    save_last(iter_num, loader_state, rng_state)
-                    if is_best:
-                        save_best(out_dir, last_path)
-                        recipe.after_save(model, cfg, os.path.join(out_dir, "best.pt"), True)
-            if iter_num >= cfg["max_iters"]:
-                break
-            t0, lr = time.time(), get_lr(iter_num, cfg)
-            last_loss, iter_tokens = train_step(train_model, sampler, optimizer, scaler, params, lr, cfg, accum, procs, autocast)
-            if not math.isfinite(last_loss):
-                raise TrainingError(f"loss is {last_loss} at iter {iter_num}: stopped before applying that "
-                                    f"step; the last good checkpoint is {last_good()}")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            bar.update(1)
-            if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
-                dt = time.time() - t0
-                tokens_per_s = iter_tokens * procs.world / dt
-                mfu = model.estimate_mfu(tokens_per_s / procs.world, peak)
-                metrics.write({"iter": iter_num, "loss": last_loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                               "mfu": mfu, "time_ms": dt * 1000})
-                bar.set_postfix_str(f"loss {last_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s MFU {mfu:.1%}")
+        with stop:
+            while True:
+                # where this iteration starts: what a stop saves, so resume repeats it exactly
+                loader_state = sampler.get_state()
+                due = iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]
+                if due and not (resume and iter_num == start_iter):
+                    t0 = time.time()
+                    losses, eval_tokens = estimate_losses(model, eval_sets, cfg, procs, autocast)
+                    if not all(map(math.isfinite, losses.values())):
+                        raise TrainingError(f"evaluation loss is {losses['val']} at iter {iter_num}: stopped; "
+                                            f"the last good checkpoint is {last_good()}")
+                    metrics.write({"iter": iter_num, "loss": losses["val"], "lr": get_lr(iter_num, cfg), "eval": True,
+                                   "tokens_per_s": eval_tokens / (time.time() - t0),
+                                   "train_loss": losses["train"], "val_loss": losses["val"]})
+                    if procs.master:
+                        bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                        is_best = losses["val"] < best_val_loss
+                        best_val_loss = min(best_val_loss, losses["val"])
+                        save_last(iter_num, loader_state, is_best)
+                if iter_num >= cfg["max_iters"]:
+                    break
+                t0, lr = time.time(), get_lr(iter_num, cfg)
+                seed_iteration(cfg["seed"], procs.rank, iter_num)
+                last_loss, shapes, stop_now = train_step(train_model, sampler, optimizer, params, lr, cfg,
+                                                         accum, procs, autocast, scaler, stop.requested)
+                if stop_now:  # this iteration's gradients are dropped: nothing of it was applied
+                    if procs.master:
+                        save_last(iter_num, loader_state)
+                        bar.write(f"stopped at iter {iter_num}: saved {last_path} (continue with --init_from=resume)")
+                    raise KeyboardInterrupt
+                if not math.isfinite(last_loss):
+                    raise TrainingError(f"loss is {last_loss} at iter {iter_num}: stopped before applying that "
+                                        f"step; the last good checkpoint is {last_good()}")
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                iter_num += 1
+                bar.update(1)
+                if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
+                    dt = time.time() - t0
+                    tokens_per_s = sum(rows * width for rows, width in shapes) * procs.world / dt
+                    mfu = iteration_flops(model, shapes) / dt / peak
+                    metrics.write({"iter": iter_num, "loss": last_loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                                   "mfu": mfu, "time_ms": dt * 1000})
+                    bar.set_postfix_str(f"loss {last_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s MFU {mfu:.1%}")
     except KeyboardInterrupt:
-        if procs.master:
-            save_last(iter_num, loader_state, rng_state)
-            bar.write(f"interrupted at iter {iter_num}: saved {last_path} (continue with --init_from=resume)")
+        if procs.master and not stop.requested:  # a second Ctrl-C: whatever was half done is not saved
+            bar.write(f"interrupted at once at iter {iter_num}: {last_good()} holds the last saved state")
         raise
     finally:
         bar.close()
         metrics.close()
-        if procs.ddp:
-            dist.destroy_process_group()
     if procs.master:
         plot_losses(out_dir)
         print(f"done: {iter_num - start_iter} iters in {time.time() - t_start:.1f}s, last train loss {last_loss:.4f}, "
@@ -360,27 +435,35 @@ def train(config, recipe=None) -> dict:
     return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_loss": last_loss}
 
 
-def train_step(train_model, sampler, optimizer, scaler, params, lr, cfg, accum, procs, autocast):
+def train_step(train_model, sampler, optimizer, params, lr, cfg, accum, procs, autocast, scaler, stop_requested):
     """One iteration's forward and backward passes over its micro-batches, gradients clipped;
-    returns (mean loss, tokens seen). The caller applies the step once the loss is finite."""
+    returns (mean loss, [(rows, width)] of each micro-batch, whether any process asked to stop).
+    The caller applies the step once the loss is finite and no stop was asked for."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum, tokens = torch.zeros((), device=cfg["device"]), 0
+    loss_sum, shapes = torch.zeros((), device=cfg["device"]), []
     for micro, (x, y) in enumerate(sampler.iteration(cfg["device"])):
-        tokens += x.numel()  # instruct batches are cut to their longest row
+        shapes.append(tuple(x.shape))  # instruct batches are cut to their longest row
         # DDP averages gradients once, on the last micro-step
         with train_model.no_sync() if procs.ddp and micro < accum - 1 else nullcontext():
             with autocast:
                 _, loss = train_model(x, y)
             loss_sum += loss.detach().float()
             scaler.scale(loss / accum).backward()
-    if procs.ddp:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    loss = loss_sum.item() / accum
-    if math.isfinite(loss) and cfg["grad_clip"] > 0:
+    shared = torch.stack([loss_sum, loss_sum.new_tensor(float(stop_requested))])
+    if procs.ddp:  # a SUM (ReduceOp.AVG is missing from gloo in older PyTorch), on the training device
+        dist.all_reduce(shared)
+    loss_total, stop_votes = shared.tolist()
+    loss = loss_total / accum / procs.world
+    if math.isfinite(loss) and cfg["grad_clip"] > 0 and not stop_votes:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-    return loss, tokens
+    return loss, shapes, stop_votes > 0
+
+
+def iteration_flops(model, shapes) -> float:
+    """Training FLOPs of one process's iteration, each micro-batch at the width it really had."""
+    return sum(rows * width * model.flops_per_token(width) for rows, width in shapes)
 
 
 def main(argv=None, defaults=DEFAULTS, recipe=None):
@@ -394,6 +477,8 @@ def main(argv=None, defaults=DEFAULTS, recipe=None):
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a file that could not be read or written: the message names it
+        return report_error(exc)
 
 
 if __name__ == "__main__":
