@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
 TORCH ?= torch>=2.5
-TEST_PACKAGES ?= pytest>=7 transformers>=4.40 accelerate
+TEST_PACKAGES ?= pytest>=7 transformers>=4.40 accelerate hypothesis>=6
 PYTEST_ARGS ?= -q
 
 .PHONY: demo demo-pipeline test venv

@@ -40,12 +40,39 @@ class ShardedRows:
         return shard, rows - self.begins[shard]
 
 
+def check_token_ids(path, tokens, vocab_size):
+    """Refuse a shard holding an id the embedding has no row for (data for another tokenizer, or
+    a corrupt file) now, in one line, rather than as an index error deep in a training step. One
+    vectorized pass a chunk: about a second per GB of tokens, once per run."""
+    if vocab_size is None or tokens.size == 0:
+        return
+    flat, largest = tokens.reshape(-1), 0
+    for start in range(0, flat.size, 1 << 24):
+        largest = max(largest, int(flat[start:start + (1 << 24)].max()))
+    _release_pages(tokens)
+    if largest >= vocab_size:
+        raise UsageError(f"{path}: holds token id {largest}, but the vocabulary has {vocab_size} ids "
+                         f"(data for another tokenizer, or a corrupt shard)")
+
+
+def open_token_shard(path):
+    size = os.path.getsize(path)
+    if size % 2:
+        raise UsageError(f"{path}: {size} bytes is not a whole number of uint16 tokens (a ragged tail: "
+                         f"truncated or not a token shard)")
+    if size == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
 class TokenWindows(ShardedRows):
     """Pretraining: windows of seq_len+1 tokens at random offsets of the uint16 shards, as llama2.c
     draws them. Each shard is memory-mapped once for the run, not once per batch as in nanoGPT."""
 
-    def __init__(self, folder, files, seq_len):
-        self.shards = [np.memmap(f, dtype=np.uint16, mode="r") for f in files]
+    def __init__(self, folder, files, seq_len, vocab_size=None):
+        self.shards = [open_token_shard(f) for f in files]
+        for f, shard in zip(files, self.shards):
+            check_token_ids(f, shard, vocab_size)
         short = [f for f, s in zip(files, self.shards) if len(s) <= seq_len]
         if short:
             raise UsageError(f"{short[0]}: fewer than max_seq_len+1 = {seq_len + 1} tokens")
@@ -65,14 +92,15 @@ class InstructRows(ShardedRows):
     """Instruct: one example a row (prompt, BOS, story, EOS, zero padding). Targets are -1 except
     for BOS, story and EOS: the model learns to answer a prompt, not to write prompts."""
 
-    def __init__(self, folder, files, max_len):
-        try:
-            self.tokens = [np.load(f, mmap_mode="r") for f in files]
-            self.lengths = [np.load(f.replace(".tokens.npy", ".lengths.npy")) for f in files]
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{folder}: unreadable instruct shard ({exc})") from None
-        if any(t.ndim != 2 or len(t) != len(n) for t, n in zip(self.tokens, self.lengths)):
-            raise UsageError(f"{folder}: tokens and lengths files do not match (expected (n, L) and (n, 2))")
+    def __init__(self, folder, files, max_len, vocab_size=None):
+        self.tokens, self.lengths = [], []
+        for f in files:
+            tokens, lengths = read_instruct_shard(f, vocab_size)
+            self.tokens.append(tokens)
+            self.lengths.append(lengths)
+        widths = {t.shape[1] for t in self.tokens}
+        if len(widths) > 1:
+            raise UsageError(f"{folder}: instruct shards of different widths {sorted(widths)} (prepared apart?)")
         self.seq_len = min(self.tokens[0].shape[1] - 1, max_len)
         super().__init__(folder, [len(t) for t in self.tokens])
 
@@ -89,6 +117,38 @@ class InstructRows(ShardedRows):
         position = np.arange(1, width + 1)  # where each target sits in the row
         y[(position < lengths[:, :1]) | (position >= lengths[:, 1:])] = -1
         return to_device(torch.from_numpy(x), device), to_device(torch.from_numpy(y), device)
+
+
+def load_npy(path, mmap_mode=None):
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except Exception as exc:  # numpy's header parser fails in many ways (even tokenize.TokenError) on a damaged file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{path}: not a readable .npy array, truncated or corrupt ({reason})") from None
+
+
+def read_instruct_shard(tokens_path, vocab_size=None):
+    """(tokens, lengths) of one instruct shard, each refused in one line naming its file when its
+    dtype, shape or values cannot be what prepare_instruct_data.py wrote: integer tokens (n, L)
+    with ids below vocab_size, integer lengths (n, 2) with 0 <= prompt_len < total_len <= L."""
+    lengths_path = tokens_path.replace(".tokens.npy", ".lengths.npy")
+    tokens = load_npy(tokens_path, mmap_mode="r")
+    if tokens.dtype.kind not in "ui" or tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise UsageError(f"{tokens_path}: {tokens.dtype} array of shape {tokens.shape}, expected integer "
+                         f"token ids of shape (examples, width >= 2)")
+    lengths = load_npy(lengths_path)
+    if lengths.dtype.kind not in "ui" or lengths.shape != (len(tokens), 2):
+        raise UsageError(f"{lengths_path}: {lengths.dtype} array of shape {lengths.shape}, expected "
+                         f"integers of shape ({len(tokens)}, 2) to match {os.path.basename(tokens_path)}")
+    prompt_len, total = lengths[:, 0].astype(np.int64), lengths[:, 1].astype(np.int64)
+    bad = np.flatnonzero((prompt_len < 0) | (prompt_len >= total) | (total > tokens.shape[1]))
+    if bad.size:
+        raise UsageError(f"{lengths_path}: row {bad[0]} has lengths {lengths[bad[0]].tolist()}, outside "
+                         f"0 <= prompt < total <= {tokens.shape[1]}")
+    if tokens.dtype.kind == "i" and tokens.size and int(tokens.min()) < 0:
+        raise UsageError(f"{tokens_path}: holds negative token ids")
+    check_token_ids(tokens_path, tokens, vocab_size)
+    return tokens, lengths
 
 
 def to_device(tensor, device):
@@ -113,10 +173,10 @@ def open_dataset(c, split, model_max_len):
         raise UsageError(f"{folder}: no {split} shards {pattern} (data00 is validation, data01... training); "
                         f"prepare the {c['dataset']} data for vocab_size={c['vocab_size']} first")
     if c["dataset"] == "pretrain":
-        return TokenWindows(folder, files, min(c["max_seq_len"], model_max_len))
+        return TokenWindows(folder, files, min(c["max_seq_len"], model_max_len), c["vocab_size"])
     if not os.path.isfile(os.path.join(folder, "meta.json")):
         raise UsageError(f"{folder}: no meta.json, so prepare_instruct_data.py did not finish there; run it again")
-    rows = InstructRows(folder, files, min(c["max_seq_len"], model_max_len))
+    rows = InstructRows(folder, files, min(c["max_seq_len"], model_max_len), c["vocab_size"])
     if rows.seq_len < rows.tokens[0].shape[1] - 1 and split == "train":
         print(f"note: instruct rows hold {rows.tokens[0].shape[1] - 1} positions; cropped to {rows.seq_len} "
               f"(max_seq_len {c['max_seq_len']}, model {model_max_len}): long stories lose their end")

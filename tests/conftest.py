@@ -25,3 +25,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a fault-tolerance test of a minute or more; runs by default, "
+                                       "and in CI (deselect with -m 'not slow' for a quick local loop)")
