@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
-TORCH ?= torch>=2.5
+TORCH ?= torch>=2.13
 TEST_PACKAGES ?= pytest>=7 transformers>=4.40 accelerate hypothesis>=6
 PYTEST_ARGS ?= -q
 

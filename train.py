@@ -58,6 +58,8 @@ DEFAULTS = dict(
     # compiling (docs/benchmarks.md); short runs of tiny models should pass compile=False
     compile=torch.cuda.is_available() or shutil.which("g++") is not None or shutil.which("c++") is not None,
     seed=1337,
+    deterministic=False,  # torch.use_deterministic_algorithms: bitwise-repeatable CUDA runs (slower; needs
+                          # CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment); bench/gpu_check.sh uses it
     peak_flops=0.0,  # for MFU; 0: the GPU's datasheet bf16 peak, or a matmul measured on the CPU
 )
 CHOICES = {"dataset": ("pretrain", "instruct"), "vocab_source": ("llama2", "custom"), "dtype": DTYPE_NAMES}
@@ -335,6 +337,8 @@ def run_training(cfg, recipe, procs) -> dict:
     autocast = nullcontext() if cfg["dtype"] == "float32" else torch.autocast(device_type, dtype=torch_dtype(cfg["dtype"]))
     out_dir, last_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "last.pt")
 
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True)
     resume = load_resume_point(last_path) if cfg["init_from"] == "resume" else None
     torch.manual_seed(cfg["seed"])  # the same initial weights in every process
     model = recipe.build(cfg, resume)

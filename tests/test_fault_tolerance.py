@@ -301,16 +301,18 @@ def test_fuzz_counts_are_reported():
     print(f"\nfuzzed: {checkpoints} checkpoint files, {data} data files, 0 tracebacks")
 
 
-def write_tiny_tokenizer(folder):
+def write_tiny_tokenizer(folder, vocab_size=40):
+    """A sentencepiece model of vocab_size pieces, trained in about a second (also bench/gpu_check.py's)."""
     import sentencepiece as spm
-    words = ["cat", "dog", "ran", "sun", "tree", "happy", "little", "big", "jumped", "home"]
     rng = random.Random(0)
+    words = ["cat", "dog", "ran", "sun", "tree", "happy", "little", "big", "jumped", "home"]
+    words += ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randrange(2, 7))) for _ in range(60)]
     text = os.path.join(folder, "text.txt")
     with open(text, "w") as f:
         for _ in range(400):
             f.write(" ".join(rng.choice(words) for _ in range(8)) + ".\n")
     prefix = os.path.join(folder, "tok")
-    spm.SentencePieceTrainer.train(input=text, model_prefix=prefix, vocab_size=40, model_type="bpe",
+    spm.SentencePieceTrainer.train(input=text, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
                                    minloglevel=2, bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
     return prefix + ".model"
 

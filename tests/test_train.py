@@ -508,3 +508,18 @@ def test_a_second_run_on_the_same_out_dir_is_refused_and_a_killed_one_leaves_no_
         holder.wait()
     assert train.main([f"--{k}={v}" for k, v in c.items()]) == 0
     assert train.main([f"--{k}={v}" for k, v in dict(c, max_iters=4, init_from="resume").items()]) == 0
+
+
+def test_torch_floor_is_the_version_ci_tests():
+    """requirements.txt admits only what is tested: its floor is CI's pinned torch, the Makefile's
+    default agrees, and this interpreter's torch is not below it."""
+    import re
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        floor = re.search(r"^torch>=([\d.]+)", f.read(), re.M).group(1)
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        assert f"TORCH ?= torch>={floor}\n" in f.read()
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        pinned = re.search(r"TORCH=torch==([\d.]+)", f.read()).group(1)
+    assert pinned.startswith(floor + ".") or pinned == floor, (floor, pinned)
+    installed = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    assert installed >= tuple(int(p) for p in floor.split(".")[:2]), (torch.__version__, floor)
