@@ -65,6 +65,13 @@ def check_weights(ckpt: Checkpoint):
     here in one line, whichever script reads it."""
     expected = _shapes(ckpt.model_args)
     expected["output.weight"] = expected["tok_embeddings.weight"]
+    for key, value in ckpt.state_dict.items():
+        # a weight that is no tensor, or not finite: a corrupt file (a flipped exponent bit in a
+        # format without checksums, such as llama2.c's .bin), never a model worth sampling from
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{ckpt.path}: weight {key} is a {type(value).__name__}, not a tensor")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{ckpt.path}: weight {key} holds NaN or infinite values (corrupt file)")
     for key, shape in expected.items():
         if key not in ckpt.state_dict:
             raise CheckpointError(f"{ckpt.path}: has no weight {key}")
@@ -107,8 +114,23 @@ class _PickledModelArgs:
     """Stand-in for the original project's `model.ModelArgs`: takes its fields, runs nothing."""
 
 
+def verify_zip_crcs(path):
+    """torch.save's zip format records a CRC-32 for every member (weights included), but
+    torch.load never checks them: a flipped bit in the weights would load as another model. Read
+    every member once and compare (a member whose CRC was not recorded, 0, is skipped)."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.CRC == 0 and info.file_size:
+                continue
+            with archive.open(info) as member:  # zipfile raises BadZipFile on a CRC mismatch
+                while member.read(1 << 24):
+                    pass
+
+
 def _torch_load(path):
     try:
+        if zipfile.is_zipfile(path):
+            verify_zip_crcs(path)
         with torch.serialization.safe_globals([(_PickledModelArgs, "model.ModelArgs")]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -117,7 +139,8 @@ def _torch_load(path):
         asks = f"it asks to unpickle {found.group(1)}" if found else "it holds pickled objects other than tensors"
         raise CheckpointError(f"{path}: refused to load ({asks}); only tensors and plain data are read, "
                               f"so code in a checkpoint never runs") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError,
+            KeyError, TypeError, AttributeError, IndexError, struct.error, UnicodeDecodeError, MemoryError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
@@ -142,6 +165,8 @@ def _read_torch(path) -> Checkpoint:
     if "model" not in obj or "model_args" not in obj:
         raise CheckpointError(f"{path}: checkpoint dict lacks 'model' or 'model_args' "
                               f"(keys: {', '.join(map(str, list(obj)[:8]))})")
+    if not isinstance(obj["model"], dict) or not all(isinstance(k, str) for k in obj["model"]):
+        raise CheckpointError(f"{path}: 'model' is not a dict of named weights")
     state = {k.removeprefix("_orig_mod."): v for k, v in obj["model"].items()}
     args = _model_args_from(obj["model_args"], path)
     extra = {k: v for k, v in obj.items() if k not in ("model", "model_args", "config")}

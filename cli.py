@@ -144,6 +144,44 @@ def atomic_write_folder(path, write_fn):
         os.remove(old)
 
 
+def remove_stale_temp_files(folder, names):
+    """Delete the temporary files atomic_write leaves when its process is killed mid-write
+    (.NAME.PID.tmp for each of names). Call it only while holding the folder's lock_folder: then
+    no live process can be writing them."""
+    if not os.path.isdir(folder):
+        return
+    for entry in os.listdir(folder):
+        if entry.endswith(".tmp") and any(entry.startswith(f".{name}.") for name in names):
+            os.remove(os.path.join(folder, entry))
+
+
+def lock_folder(folder, holder="run"):
+    """An exclusive lock on folder/.lock, held until the returned file is closed. A second process
+    asking for it is refused in one line; the kernel drops the lock when its process ends, however
+    it ends (flock), so a crashed or killed run leaves nothing stuck. Returns None where flock does
+    not exist (Windows): no lock there."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".lock")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise UsageError(f"{folder}: another {holder} is using it (pid {owner} holds {path}); "
+                         f"wait for it to finish or choose another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def write_json(path: str, obj, indent=None):
     """JSON (UTF-8, non-ASCII kept as it is), written atomically."""
     def write(tmp):

@@ -40,21 +40,42 @@ class ShardedRows:
         return shard, rows - self.begins[shard]
 
 
+def check_token_ids(path, tokens, vocab_size):
+    """Refuse a shard holding an id the embedding has no row for (data for another tokenizer, or
+    a corrupt file) now, in one line, rather than as an index error deep in a training step. One
+    vectorized pass a chunk: about a second per GB of tokens, once per run."""
+    if vocab_size is None or tokens.size == 0:
+        return
+    flat, largest = tokens.reshape(-1), 0
+    for start in range(0, flat.size, 1 << 24):
+        largest = max(largest, int(flat[start:start + (1 << 24)].max()))
+    _release_pages(tokens)
+    if largest >= vocab_size:
+        raise UsageError(f"{path}: holds token id {largest}, but the vocabulary has {vocab_size} ids "
+                         f"(data for another tokenizer, or a corrupt shard)")
+
+
+def open_token_shard(path):
+    size = os.path.getsize(path)
+    if size % 2:
+        raise UsageError(f"{path}: {size} bytes is not a whole number of uint16 tokens (a ragged tail: "
+                         f"truncated or not a token shard)")
+    if size == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
 class TokenWindows(ShardedRows):
     """Pretraining: windows of seq_len+1 tokens at random offsets of the uint16 shards, as llama2.c
     draws them. Each shard is memory-mapped once for the run, not once per batch as in nanoGPT."""
 
     def __init__(self, folder, files, seq_len, vocab_size=None):
-        for f in files:
-            if os.path.getsize(f) % 2:
-                raise UsageError(f"{f}: {os.path.getsize(f)} bytes, not whole uint16 tokens (a truncated shard?)")
-        self.shards = [np.memmap(f, dtype=np.uint16, mode="r") for f in files]
+        self.shards = [open_token_shard(f) for f in files]
+        for f, shard in zip(files, self.shards):
+            check_token_ids(f, shard, vocab_size)
         short = [f for f, s in zip(files, self.shards) if len(s) <= seq_len]
         if short:
             raise UsageError(f"{short[0]}: fewer than max_seq_len+1 = {seq_len + 1} tokens")
-        if vocab_size:
-            for f, shard in zip(files, self.shards):
-                check_token_ids(f, shard, vocab_size)
         self.seq_len = seq_len
         super().__init__(folder, [len(s) - seq_len for s in self.shards])
 
@@ -74,24 +95,12 @@ class InstructRows(ShardedRows):
     def __init__(self, folder, files, max_len, vocab_size=None):
         self.tokens, self.lengths = [], []
         for f in files:
-            lengths_file = f.replace(".tokens.npy", ".lengths.npy")
-            try:
-                tokens, lengths = np.load(f, mmap_mode="r"), np.load(lengths_file)
-            except (OSError, ValueError, EOFError) as exc:
-                raise UsageError(f"{f}: unreadable instruct shard ({str(exc).splitlines()[0]})") from None
-            if tokens.dtype != np.uint16 or tokens.ndim != 2 or tokens.shape[1] < 2:
-                raise UsageError(f"{f}: holds {tokens.dtype} {tokens.shape}, expected uint16 (examples, width >= 2)")
-            if lengths.dtype.kind not in "iu" or lengths.shape != (len(tokens), 2):
-                raise UsageError(f"{lengths_file}: holds {lengths.dtype} {lengths.shape}, expected integers "
-                                 f"({len(tokens)}, 2) to match {os.path.basename(f)}")
-            prompt_len, total_len = (lengths[:, 0], lengths[:, 1]) if len(lengths) else (np.ones(1), np.full(1, 2))
-            if not ((prompt_len >= 1) & (prompt_len < total_len) & (total_len <= tokens.shape[1])).all():
-                raise UsageError(f"{lengths_file}: [prompt_len, total_len] outside 1 <= prompt_len < total_len "
-                                 f"<= {tokens.shape[1]}")
-            if vocab_size:
-                check_token_ids(f, tokens, vocab_size)
+            tokens, lengths = read_instruct_shard(f, vocab_size)
             self.tokens.append(tokens)
             self.lengths.append(lengths)
+        widths = {t.shape[1] for t in self.tokens}
+        if len(widths) > 1:
+            raise UsageError(f"{folder}: instruct shards of different widths {sorted(widths)} (prepared apart?)")
         self.seq_len = min(self.tokens[0].shape[1] - 1, max_len)
         super().__init__(folder, [len(t) for t in self.tokens])
 
@@ -110,17 +119,36 @@ class InstructRows(ShardedRows):
         return to_device(torch.from_numpy(x), device), to_device(torch.from_numpy(y), device)
 
 
-def check_token_ids(path, tokens, vocab_size, block=1 << 24):
-    """Refuse a shard holding ids the model has no embedding for (a shard made with another
-    tokenizer, or damaged), before training reads garbage or fails deep inside the model.
-    One pass in blocks, so a large memory-mapped shard is never held in memory at once."""
-    flat = tokens.reshape(-1)
-    for start in range(0, len(flat), block):
-        largest = int(flat[start:start + block].max(initial=0))
-        if largest >= vocab_size:
-            raise UsageError(f"{path}: holds token id {largest}, but the model's vocabulary has {vocab_size} "
-                             f"(made with another tokenizer?)")
-        _release_pages(tokens)
+def load_npy(path, mmap_mode=None):
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except Exception as exc:  # numpy's header parser fails in many ways (even tokenize.TokenError) on a damaged file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{path}: not a readable .npy array, truncated or corrupt ({reason})") from None
+
+
+def read_instruct_shard(tokens_path, vocab_size=None):
+    """(tokens, lengths) of one instruct shard, each refused in one line naming its file when its
+    dtype, shape or values cannot be what prepare_instruct_data.py wrote: integer tokens (n, L)
+    with ids below vocab_size, integer lengths (n, 2) with 0 <= prompt_len < total_len <= L."""
+    lengths_path = tokens_path.replace(".tokens.npy", ".lengths.npy")
+    tokens = load_npy(tokens_path, mmap_mode="r")
+    if tokens.dtype.kind not in "ui" or tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise UsageError(f"{tokens_path}: {tokens.dtype} array of shape {tokens.shape}, expected integer "
+                         f"token ids of shape (examples, width >= 2)")
+    lengths = load_npy(lengths_path)
+    if lengths.dtype.kind not in "ui" or lengths.shape != (len(tokens), 2):
+        raise UsageError(f"{lengths_path}: {lengths.dtype} array of shape {lengths.shape}, expected "
+                         f"integers of shape ({len(tokens)}, 2) to match {os.path.basename(tokens_path)}")
+    prompt_len, total = lengths[:, 0].astype(np.int64), lengths[:, 1].astype(np.int64)
+    bad = np.flatnonzero((prompt_len < 0) | (prompt_len >= total) | (total > tokens.shape[1]))
+    if bad.size:
+        raise UsageError(f"{lengths_path}: row {bad[0]} has lengths {lengths[bad[0]].tolist()}, outside "
+                         f"0 <= prompt < total <= {tokens.shape[1]}")
+    if tokens.dtype.kind == "i" and tokens.size and int(tokens.min()) < 0:
+        raise UsageError(f"{tokens_path}: holds negative token ids")
+    check_token_ids(tokens_path, tokens, vocab_size)
+    return tokens, lengths
 
 
 def to_device(tensor, device):
@@ -175,7 +203,7 @@ class BatchSampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def iteration(self, device):
-        rows = torch.randint(len(self.data), self.shape, generator=self.generator)
+        rows = torch.randint(len(self.data), self.shape, generator=self.generator, device="cpu")
         for micro in range(self.shape[1]):
             yield self.data.get(rows[self.rank, micro].numpy(), device)
 
@@ -189,4 +217,4 @@ class BatchSampler:
 def fixed_batches(data, n_batches, batch_size, seed):
     """The rows evaluation uses every time, so successive losses are comparable."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(len(data), (batch_size,), generator=generator).numpy() for _ in range(n_batches)]
+    return [torch.randint(len(data), (batch_size,), generator=generator, device="cpu").numpy() for _ in range(n_batches)]

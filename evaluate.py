@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from cli import DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, write_json
-from dataset import InstructRows
+from dataset import InstructRows, check_token_ids, open_token_shard
 from demo_corpus import DEMO_ADJECTIVES, DEMO_NOUNS, DEMO_VERBS, verb_forms
 from generate import check_sampling_args, load_for_sampling, sample_stories
 from prompts import FEATURE_PHRASES, build_prompt, canonical_feature, prompt_ids
@@ -69,9 +69,9 @@ def stream_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens
         yield block[:, :-1], block[:, 1:]
 
 
-def instruct_batches(tokens_path: str, seq_len: int, batch_size: int, max_examples: int):
+def instruct_batches(tokens_path: str, seq_len: int, batch_size: int, max_examples: int, vocab_size=None):
     """Instruct rows with train.py's own mask: only BOS, story and EOS are scored."""
-    rows = InstructRows(os.path.dirname(tokens_path), [tokens_path], seq_len)
+    rows = InstructRows(os.path.dirname(tokens_path), [tokens_path], seq_len, vocab_size)
     n = min(len(rows), max_examples)
     for start in range(0, n, batch_size):
         yield rows.get(np.arange(start, min(start + batch_size, n)), "cpu")
@@ -99,9 +99,11 @@ def evaluate_loss(model, tokenizer, data: str, batch_size: int, max_tokens: int)
     if not os.path.isfile(data):
         raise UsageError(f"--data={data}: no such file or folder")
     if data.endswith(".tokens.npy"):
-        batches = instruct_batches(data, seq_len, batch_size, max(1, max_tokens // seq_len))
+        batches = instruct_batches(data, seq_len, batch_size, max(1, max_tokens // seq_len), model.args.vocab_size)
     elif data.endswith(".bin"):
-        batches = stream_batches(np.memmap(data, dtype=np.uint16, mode="r"), seq_len, batch_size, max_tokens)
+        shard = open_token_shard(data)
+        check_token_ids(data, shard, model.args.vocab_size)
+        batches = stream_batches(shard, seq_len, batch_size, max_tokens)
     elif data.endswith(".txt"):
         batches = stream_batches(text_file_tokens(data, tokenizer), seq_len, batch_size, max_tokens)
     else:

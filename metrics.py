@@ -9,8 +9,18 @@ from cli import atomic_write
 class MetricsLog:
     """metrics.jsonl, one JSON object a line, written by the master process only."""
 
-    def __init__(self, out_dir, append, enabled):
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a" if append else "w") if enabled else None
+    def __init__(self, out_dir, resume_from, enabled):
+        """resume_from: the iteration a resumed run continues from (None: a new run). Rows a killed
+        run logged after its last checkpoint, and a line torn by the kill, are dropped: the resumed
+        run logs those iterations again."""
+        self.file = None
+        if not enabled:
+            return
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if resume_from is not None and os.path.isfile(path):
+            kept = [row for row in read_rows(path) if row["iter"] <= resume_from]
+            atomic_write(path, lambda tmp: write_rows(tmp, kept))
+        self.file = open(path, "a" if resume_from is not None else "w")
 
     def write(self, row):
         if self.file:
@@ -22,6 +32,25 @@ class MetricsLog:
             self.file.close()
 
 
+def read_rows(path):
+    """The complete rows of a metrics.jsonl (a line torn by a killed run is skipped)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "iter" in row:
+                rows.append(row)
+    return rows
+
+
+def write_rows(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
 def plot_losses(out_dir):
     try:
         import matplotlib
@@ -30,8 +59,7 @@ def plot_losses(out_dir):
     except ImportError:
         print("matplotlib is not installed: no loss.png")
         return
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_rows(os.path.join(out_dir, "metrics.jsonl"))
     steps = [r for r in rows if not r.get("eval")]
     evals = [r for r in rows if r.get("eval")]
     fig, ax = plt.subplots(figsize=(8, 5))

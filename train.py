@@ -11,7 +11,6 @@ evaluation, at the end and on Ctrl-C: what --init_from=resume continues), best.p
 loss) and ckpt.pt (= best.pt, llama2.c's name: point generate.py at it), metrics.jsonl and
 loss.png.
 """
-import fcntl
 import math
 import os
 import shutil
@@ -28,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 from checkpoint import load_checkpoint, model_args_dict, save_checkpoint
-from cli import DTYPE_NAMES, ToolError, UsageError, atomic_write, bf16_supported, default_device, report_error, torch_dtype
+from cli import (DTYPE_NAMES, ToolError, UsageError, atomic_write, bf16_supported, default_device, lock_folder,
+                 remove_stale_temp_files, report_error, torch_dtype)
 from data_paths import vocab_source
 from dataset import BatchSampler, default_tokenizer, fixed_batches, open_dataset
 from metrics import MetricsLog, plot_losses
@@ -59,11 +59,14 @@ DEFAULTS = dict(
     compile=torch.cuda.is_available() or shutil.which("g++") is not None or shutil.which("c++") is not None,
     seed=1337,
     peak_flops=0.0,  # for MFU; 0: the GPU's datasheet bf16 peak, or a matmul measured on the CPU
+    deterministic=False,  # torch.use_deterministic_algorithms: bitwise-repeatable GPU runs (slower; CUDA
+                          # needs CUBLAS_WORKSPACE_CONFIG=:4096:8); bench/gpu_check.sh uses it
 )
 CHOICES = {"dataset": ("pretrain", "instruct"), "vocab_source": ("llama2", "custom"), "dtype": DTYPE_NAMES}
 # dense bf16 FLOP/s from the datasheets, by what torch.cuda.get_device_name() says: the first
 # entry whose words all appear in the name wins, so the PCIe and NVL cards come before the SXM
 # ones ("NVIDIA H100 80GB HBM3" is an SXM H100); a GPU not listed gets a measured matmul peak
+TRAINING_OUTPUTS = ("last.pt", "best.pt", "ckpt.pt", "adapter.pt", "metrics.jsonl", "loss.png")
 GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
                  ("H200 NVL", 835e12), ("H200", 989e12), ("A100", 312e12)]
 
@@ -277,26 +280,11 @@ class StopRequest:
 
 
 def lock_out_dir(out_dir):
-    """Hold out_dir/.lock (flock) for the run's life: a second run on the same out_dir refuses in
-    one line. The OS releases the lock when its process dies, so a crashed run never leaves it
-    stuck; temporary files such a run left behind are removed here, under the lock."""
-    os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
-        raise UsageError(f"out_dir={out_dir}: another training run (pid {holder}) is using it; "
-                         f"wait for it to finish or choose another out_dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    for name in os.listdir(out_dir):
-        if name.startswith(".") and name.endswith(".tmp"):  # cli.atomic_write's, from a killed run
-            os.remove(os.path.join(out_dir, name))
+    """Hold out_dir/.lock for the run's life (cli.lock_folder: a second run on the same out_dir is
+    refused in one line, a crashed run never leaves it stuck); then, under the lock, remove the
+    temporary files a killed run left behind."""
+    lock = lock_folder(out_dir, "training run")
+    remove_stale_temp_files(out_dir, TRAINING_OUTPUTS)
     return lock
 
 
@@ -351,6 +339,8 @@ def train(config, recipe=None) -> dict:
     out_dir, last_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "last.pt")
 
     lock = lock_out_dir(out_dir) if procs.master else None
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True)
     resume = load_resume_point(last_path) if cfg["init_from"] == "resume" else None
     torch.manual_seed(cfg["seed"])  # the same initial weights in every process
     model = recipe.build(cfg, resume)
@@ -375,7 +365,7 @@ def train(config, recipe=None) -> dict:
               f"{cfg['batch_size'] * cfg['gradient_accumulation_steps'] * train_data.seq_len:,} tokens/iter, "
               f"{procs.world} process(es), {cfg['device']} {cfg['dtype']}{' compiled' if cfg['compile'] else ''}; "
               f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
-    metrics = MetricsLog(out_dir, append=resume is not None, enabled=procs.master)
+    metrics = MetricsLog(out_dir, resume_from=iter_num if resume else None, enabled=procs.master)
 
     def save_last(loader_state):
         """last.pt: everything a resume needs to repeat the run from iter_num on."""
