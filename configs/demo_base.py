@@ -4,8 +4,8 @@
 # instruct rows' width, so the fine-tune meets no position the base never trained.
 # The 2-core CPU: 800 iterations in about 3-4 minutes.
 dataset, data_dir, out_dir = "pretrain", "data", "out/demo/base"
-vocab_source, vocab_size = "custom", 1024
-dim, n_layers, n_heads, n_kv_heads, multiple_of, max_seq_len = 128, 4, 4, 4, 32, 192
+vocab_source, vocab_size, max_seq_len = "custom", 1024, 192
+dim, n_layers, n_heads, n_kv_heads, multiple_of = 128, 4, 4, 4, 32  # configs/demo_instruct.py's shape
 batch_size, gradient_accumulation_steps = 16, 1
 learning_rate, max_iters, warmup_iters = 3e-3, 800, 50
 eval_interval, eval_iters, log_interval = 400, 5, 50
