@@ -279,7 +279,8 @@ def table_cell(report: dict, key, fmt) -> str:
 def print_table(reports: list):
     """A markdown table: one metric a row, one column per evaluated checkpoint."""
     heads = ["value"] if len(reports) == 1 else [r["model_path"] for r in reports]
-    print("\n| metric | " + " | ".join(heads) + " |\n|---" * (len(heads) + 1) + "|")
+    print("\n| metric | " + " | ".join(heads) + " |")
+    print("|" + "---|" * (len(heads) + 1))
     for label, key, fmt in TABLE_ROWS:
         cells = [table_cell(r, key, fmt) for r in reports]
         if any(cells):

@@ -168,6 +168,7 @@ def test_compare_scores_checkpoints_alike_side_by_side(shared_data, tmp_path):
     assert done.returncode == 0, done.stderr
     header = next(line for line in done.stdout.splitlines() if line.startswith("| metric |"))
     assert header.count("stories260K.pt") == 2 and "other.pt" in header
+    assert "\n|---|---|---|---|\n" in done.stdout  # a markdown table: one separator cell per column
     loss_row = next(line for line in done.stdout.splitlines() if line.startswith("| validation loss |"))
     first, second, third = [cell.strip() for cell in loss_row.split("|")[2:5]]
     assert first == second != third
