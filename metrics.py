@@ -1,9 +1,19 @@
 """What a training run records: metrics.jsonl (one JSON object a line: a row per logged step,
-and a row with "eval": true per evaluation) and loss.png drawn from it."""
+and a row with "eval": true per evaluation), loss.png drawn from it, and the peak FLOP/s that
+the MFU it logs is measured against."""
 import json
 import os
+import time
 
-from cli import atomic_write
+import torch
+
+from cli import atomic_write, torch_dtype
+
+# dense bf16 FLOP/s from the datasheets, by what torch.cuda.get_device_name() says: the first
+# entry whose words all appear in the name wins, so the PCIe and NVL cards come before the SXM
+# ones ("NVIDIA H100 80GB HBM3" is an SXM H100); a GPU not listed gets a measured matmul peak
+GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+                 ("H200 NVL", 835e12), ("H200", 989e12), ("A100", 312e12)]
 
 
 class MetricsLog:
@@ -72,3 +82,36 @@ def plot_losses(out_dir):
     ax.grid(alpha=0.3)
     atomic_write(os.path.join(out_dir, "loss.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def peak_flops(cfg, device_type) -> (float, str):
+    """FLOP/s that MFU is measured against, and where that figure came from."""
+    if cfg["peak_flops"] > 0:
+        return cfg["peak_flops"], "stated by peak_flops"
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        flops = gpu_peak_bf16(name)
+        if flops:
+            return flops, f"{name} datasheet bf16 dense peak"
+    return measure_matmul_flops(cfg["device"], torch_dtype(cfg["dtype"])), f"measured {cfg['dtype']} matmul on {cfg['device']}"
+
+
+def gpu_peak_bf16(name: str):
+    """The datasheet peak for a GPU name, or None when the card is not in GPU_PEAK_BF16."""
+    words = name.upper().replace("-", " ").split()
+    for model, flops in GPU_PEAK_BF16:
+        if all(word in words for word in model.upper().split()):
+            return flops
+    return None
+
+
+def measure_matmul_flops(device, dtype, n=1024, seconds=0.3) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * count / (time.perf_counter() - t0)

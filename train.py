@@ -31,7 +31,7 @@ from cli import (DTYPE_NAMES, ToolError, UsageError, atomic_write, bf16_supporte
                  remove_stale_temp_files, report_error, torch_dtype)
 from data_paths import vocab_source
 from dataset import BatchSampler, default_tokenizer, fixed_batches, open_dataset
-from metrics import MetricsLog, plot_losses
+from metrics import MetricsLog, peak_flops, plot_losses
 from model import ModelArgs, Transformer
 
 DEFAULTS = dict(
@@ -62,13 +62,9 @@ DEFAULTS = dict(
     deterministic=False,  # torch.use_deterministic_algorithms: bitwise-repeatable GPU runs (slower; CUDA
                           # needs CUBLAS_WORKSPACE_CONFIG=:4096:8); bench/gpu_check.sh uses it
 )
-CHOICES = {"dataset": ("pretrain", "instruct"), "vocab_source": ("llama2", "custom"), "dtype": DTYPE_NAMES}
-# dense bf16 FLOP/s from the datasheets, by what torch.cuda.get_device_name() says: the first
-# entry whose words all appear in the name wins, so the PCIe and NVL cards come before the SXM
-# ones ("NVIDIA H100 80GB HBM3" is an SXM H100); a GPU not listed gets a measured matmul peak
+# what a run writes in out_dir (lock_out_dir removes their temporaries that a killed run left)
 TRAINING_OUTPUTS = ("last.pt", "best.pt", "ckpt.pt", "adapter.pt", "metrics.jsonl", "loss.png")
-GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-                 ("H200 NVL", 835e12), ("H200", 989e12), ("A100", 312e12)]
+CHOICES = {"dataset": ("pretrain", "instruct"), "vocab_source": ("llama2", "custom"), "dtype": DTYPE_NAMES}
 
 
 class TrainingError(ToolError):
@@ -108,39 +104,6 @@ def get_lr(it, cfg):
         return cfg["min_lr"]
     progress = (it - cfg["warmup_iters"]) / (decay_iters - cfg["warmup_iters"])
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
-
-
-def peak_flops(cfg, device_type) -> (float, str):
-    """FLOP/s that MFU is measured against, and where that figure came from."""
-    if cfg["peak_flops"] > 0:
-        return cfg["peak_flops"], "stated by peak_flops"
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        flops = gpu_peak_bf16(name)
-        if flops:
-            return flops, f"{name} datasheet bf16 dense peak"
-    return measure_matmul_flops(cfg["device"], torch_dtype(cfg["dtype"])), f"measured {cfg['dtype']} matmul on {cfg['device']}"
-
-
-def gpu_peak_bf16(name: str):
-    """The datasheet peak for a GPU name, or None when the card is not in GPU_PEAK_BF16."""
-    words = name.upper().replace("-", " ").split()
-    for model, flops in GPU_PEAK_BF16:
-        if all(word in words for word in model.upper().split()):
-            return flops
-    return None
-
-
-def measure_matmul_flops(device, dtype, n=1024, seconds=0.3) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        count += 1
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * count / (time.perf_counter() - t0)
 
 
 # ---- what is trained, and what a checkpoint holds ----------------------------------------------

@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import train  # noqa: E402
+import metrics  # noqa: E402
 from cli import torch_dtype  # noqa: E402
 from lora import apply_lora  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -81,7 +81,7 @@ def cpu_throughput(batch, seq, vocab, steps, rounds, with_compile):
     for _ in range(rounds):
         for name, (model, step) in steps_fns.items():
             best[name] = min(best[name], timed(step, x, y, steps, "cpu"))
-    peaks = {d: train.measure_matmul_flops("cpu", torch_dtype(d), seconds=1.0) for d in ("float32", "bfloat16")}
+    peaks = {d: metrics.measure_matmul_flops("cpu", torch_dtype(d), seconds=1.0) for d in ("float32", "bfloat16")}
     model = steps_fns["float32 eager"][0]
     print(f"\nstories15M shape, vocab {vocab}, batch {batch} x {seq} ({model.flops_per_token() / 1e6:.0f} MFLOP/token); "
           f"measured matmul peak: float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
@@ -166,7 +166,7 @@ def gpu_mfu(shape, batch, seq, steps):
     seconds = timed(step, x, y, steps, device)
     tokens_per_s = batch * seq / seconds
     name = torch.cuda.get_device_name()
-    listed = train.gpu_peak_bf16(name)
+    listed = metrics.gpu_peak_bf16(name)
     peak = listed or 989e12
     print(f"stories{shape} shape (vocab {vocab}), batch {batch} x {seq}, bf16 autocast + compile on {name}: "
           f"{seconds * 1000:.0f} ms/step, {tokens_per_s:,.0f} tokens/s, MFU {model.estimate_mfu(tokens_per_s, peak):.1%} "

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import metrics
 import train
 from checkpoint import load_checkpoint
 from test_train import ROOT, free_port, step_losses, tiny_config, write_pretrain_shards
@@ -139,7 +140,7 @@ class NoSyncWrapper(torch.nn.Module):
                                         ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
                                         ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA GeForce RTX 4090", None)])
 def test_gpu_peak_is_the_cards_own(name, peak):
-    assert train.gpu_peak_bf16(name) == peak
+    assert metrics.gpu_peak_bf16(name) == peak
 
 
 def test_mfu_counts_the_length_actually_trained_on(tmp_path):
