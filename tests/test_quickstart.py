@@ -11,17 +11,24 @@ import pytest
 from tests.conftest import ROOT
 
 
+TINY_MODEL = "--batch_size=4 --dim=32 --n_layers=1 --n_heads=2 --n_kv_heads=2 --multiple_of=8 --log_interval=2"
+
+
+def run_make(target, demo_dir, *variables):
+    """A Makefile demo target on a tiny corpus (2 shards x 300 stories), one thread; must succeed."""
+    done = subprocess.run(["make", "--no-print-directory", target, f"PY={sys.executable}", f"DEMO_DIR={demo_dir}",
+                           "DEMO_SHARDS=2", "DEMO_STORIES=300", *variables],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_shortened_demo_pipeline(tmp_path):
     demo_dir = tmp_path / "demo"
-    done = subprocess.run(
-        ["make", "--no-print-directory", "demo-pipeline", f"PY={sys.executable}", f"DEMO_DIR={demo_dir}",
-         "DEMO_SHARDS=2", "DEMO_STORIES=300", "DEMO_PROMPTS=6",
-         "DEMO_TRAIN=--max_iters=6 --eval_interval=3 --eval_iters=1 --batch_size=4 --dim=32 --n_layers=1 "
-         "--n_heads=2 --n_kv_heads=2 --multiple_of=8 --log_interval=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_make("demo-pipeline", demo_dir, "DEMO_PROMPTS=6",
+                    "DEMO_TRAIN=--max_iters=6 --eval_interval=3 --eval_iters=1 " + TINY_MODEL)
 
     assert (demo_dir / "data" / "TinyStories_all_data" / "data01.json").is_file()
     assert (demo_dir / "instruct" / "ckpt.pt").is_file()
@@ -41,14 +48,8 @@ def test_shortened_demo_finetune_recipe(tmp_path):
     """`make demo-finetune` shortened: pretrain a base a few steps, LoRA-tune it a few steps,
     score both side by side on a few held-out prompts."""
     demo_dir = tmp_path / "demo"
-    done = subprocess.run(
-        ["make", "--no-print-directory", "demo-finetune-pipeline", f"PY={sys.executable}", f"DEMO_DIR={demo_dir}",
-         "DEMO_SHARDS=2", "DEMO_STORIES=300", "DEMO_PROMPTS=4",
-         "DEMO_FT_TRAIN=--max_iters=4 --eval_interval=2 --eval_iters=1 --batch_size=4 --dim=32 --n_layers=1 "
-         "--n_heads=2 --n_kv_heads=2 --multiple_of=8 --log_interval=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_make("demo-finetune-pipeline", demo_dir, "DEMO_PROMPTS=4",
+                    "DEMO_FT_TRAIN=--max_iters=4 --eval_interval=2 --eval_iters=1 " + TINY_MODEL)
 
     assert (demo_dir / "data" / "tok1024" / "data01.bin").is_file()
     base = demo_dir / "base" / "ckpt.pt"
