@@ -17,7 +17,7 @@ $(VENV)/.deps: requirements.txt
 	touch $@
 
 $(VENV)/.test-deps: $(VENV)/.deps
-	$(VENV)/bin/python -m pip install -q --disable-pip-version-check $(TEST_PACKAGES)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check $(foreach p,$(TEST_PACKAGES),"$(p)")
 	touch $@
 
 venv: $(VENV)/.deps
