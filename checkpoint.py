@@ -51,6 +51,12 @@ class Checkpoint:
         """Trained on instruction examples (prompt, then BOS, then story)?"""
         return self.kind == "instruct_storyteller" or self.config.get("dataset") == "instruct"
 
+    @property
+    def prompt_encoding(self) -> str:
+        """How its training data tokenized prompts (prompts.PROMPT_ENCODINGS); checkpoints from
+        before the data recorded it, and the original's, read plain text."""
+        return self.config.get("prompt_encoding") or "plain"
+
 
 # ---- reading ---------------------------------------------------------------------------------
 

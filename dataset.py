@@ -185,12 +185,26 @@ def open_dataset(cfg, split, model_max_len):
     return rows
 
 
-def default_tokenizer(cfg):
+def data_meta(cfg) -> dict:
+    """The instruct data's meta.json (prepare_instruct_data); {} for token shards."""
     meta = os.path.join(data_folder(cfg), "meta.json")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            return json.load(f).get("tokenizer", "")
+    if not os.path.isfile(meta):
+        return {}
+    with open(meta) as f:
+        return json.load(f)
+
+
+def default_tokenizer(cfg):
+    meta = data_meta(cfg)
+    if meta:
+        return meta.get("tokenizer", "")
     return "" if cfg["vocab_source"] == "llama2" else tokenizer_model_path(cfg["data_dir"], cfg["vocab_size"])
+
+
+def data_prompt_encoding(cfg) -> str:
+    """How the instruct data tokenized its prompts (prompts.PROMPT_ENCODINGS): a model must be
+    prompted alike, so checkpoints record it. Data written before meta.json said so: plain."""
+    return data_meta(cfg).get("prompt_encoding", "plain") if cfg["dataset"] == "instruct" else ""
 
 
 class BatchSampler:

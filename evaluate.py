@@ -223,13 +223,13 @@ def score_story(story: str, request: Request) -> dict:
     return found
 
 
-def run_requests(model, tokenizer, requests, max_new_tokens, temperature, top_k, top_p, seed,
-                 compile=False):
-    """Sample one story per request. Prompts of equal token length share a batch, sampled
-    through generate.py's path (compiled decode step if asked)."""
+def run_requests(model, tokenizer, requests, prompt_encoding, max_new_tokens, temperature, top_k,
+                 top_p, seed, compile=False):
+    """Sample one story per request, its prompt encoded as the model's data was. Prompts of equal
+    token length share a batch, sampled through generate.py's path (compiled decode step if asked)."""
     by_length = defaultdict(list)
     for request in requests:
-        ids = prompt_ids(tokenizer, request.prompt, instruct=True)
+        ids = prompt_ids(tokenizer, request.prompt, True, prompt_encoding)
         by_length[len(ids)].append((request, ids))
     results = []
     with tqdm(total=len(requests), desc="sampling stories", unit="story") as bar:
@@ -294,7 +294,7 @@ def evaluate_checkpoint(path, args, requests, report_extra) -> dict:
     if args.data:
         report.update(evaluate_loss(model, tokenizer, args.data, args.batch_size, args.max_tokens))
     if requests:
-        results = run_requests(model, tokenizer, requests, args.max_new_tokens, args.temperature,
+        results = run_requests(model, tokenizer, requests, ckpt.prompt_encoding, args.max_new_tokens, args.temperature,
                                args.top_k, args.top_p, args.seed, args.compile)
         report.update(summarize(results))
         report["sampling"] = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}

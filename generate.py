@@ -147,7 +147,7 @@ def main(argv=None):
         text = prompt_text(args)
         model, ckpt, tokenizer = load_for_sampling(args.model_path, args.tokenizer, args.device,
                                                    args.dtype, args.quantize)
-        ids = prompt_ids(tokenizer, text, ckpt.is_instruct)
+        ids = prompt_ids(tokenizer, text, ckpt.is_instruct, ckpt.prompt_encoding)
         check_prompt_length(model, [ids])  # before the prompt is echoed: a refused one prints nothing
         # a plain model's output continues the prompt, so show it; an instruct prompt is not story
         shown = [] if ckpt.is_instruct else ids

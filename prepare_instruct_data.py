@@ -2,20 +2,25 @@
 metadata, worded by prompts.py (the one prompt builder generation and evaluation use too).
 
     python prepare_instruct_data.py --vocab_size=N [--data_dir=data] [--prompt_style=template]
-                                    [--max_seq_len=350] [--workers=CPUS] [--tokenizer=PATH]
+                                    [--prompt_encoding=story_words] [--max_seq_len=350]
+                                    [--workers=CPUS] [--tokenizer=PATH]
 
 Prompts: --prompt_style=template (default) is prompts.build_prompt(words[0], words[1],
 words[2], features); --prompt_style=original rewrites the record's GPT prompt as the original
 instruct storyteller did (prompts.rewrite_original_prompt). The tokenizer is {data_dir}/tok{N}.model, or for
 --vocab_size=0 the sentencepiece model given by --tokenizer (e.g. Llama 2's tokenizer.model).
+--prompt_encoding=story_words (default) encodes each quoted word as a story spells it, so the
+model can copy its tokens; plain encodes the text as it is, as the original did (prompts.py).
 
 On-disk format, in {data_dir}/instruct{N}/, for every shard dataNN.json:
     dataNN.tokens.npy   uint16, shape (n_examples, max_seq_len): each row is
-                        encode(prompt) + [BOS] + encode(story.strip()) + [EOS], right-padded with 0
+                        prompt_ids(prompt) (which ends with BOS) + encode(story.strip()) + [EOS],
+                        right-padded with 0
     dataNN.lengths.npy  int32, shape (n_examples, 2): [prompt_len, total_len] per row
 both ordinary .npy files (np.load(path, mmap_mode="r") maps them without copying), each
 written to a temporary name and renamed into place. Shard 00 is validation, the rest training.
-    meta.json           vocab_size, max_seq_len, prompt_style, tokenizer, bos_id, eos_id, shards,
+    meta.json           vocab_size, max_seq_len, prompt_style, prompt_encoding, tokenizer, bos_id,
+                        eos_id, shards,
                         counts: examples kept (train/val), dropped_too_long, skipped per reason
 Training reads a row as x = row[:-1], y = row[1:], and ignores y[i] (-1) unless
 prompt_len <= i + 1 < total_len: the loss covers BOS, the story and EOS, never the prompt
@@ -29,7 +34,7 @@ import numpy as np
 
 from cli import DataError, OneLineParser, atomic_write, positive_int, report_error, vocab_size_arg, write_json
 from data_paths import instruct_dir
-from prompts import PROMPT_STYLES, SKIP_REASONS, prompt_ids, record_prompt_and_story
+from prompts import PROMPT_ENCODINGS, PROMPT_STYLES, SKIP_REASONS, prompt_ids, record_prompt_and_story
 from shards import (ShardError, iter_json_records, list_shards, resolve_tokenizer, run_shard_jobs,
                     worker_peak_rss_mb, worker_tokenizer)
 
@@ -41,7 +46,7 @@ def save_npy(path, array):
     atomic_write(path, write)
 
 
-def prepare_shard(shard_path, tokenizer_path, out_dir, prompt_style, max_seq_len):
+def prepare_shard(shard_path, tokenizer_path, out_dir, prompt_style, prompt_encoding, max_seq_len):
     """One JSON shard -> dataNN.tokens.npy + dataNN.lengths.npy. Rows stream to a raw temporary
     file as they are made, so memory does not grow with the shard; the .npy header is written
     once the row count is known."""
@@ -62,7 +67,7 @@ def prepare_shard(shard_path, tokenizer_path, out_dir, prompt_style, max_seq_len
                 if reason:
                     counts["skipped_" + reason] += 1
                     continue
-                prompt_part = prompt_ids(tok, prompt, instruct=True)  # the prompt, then BOS
+                prompt_part = prompt_ids(tok, prompt, True, prompt_encoding)  # the prompt, then BOS
                 ids = prompt_part + tok.encode(story) + [tok.eos_id]
                 if len(ids) > max_seq_len:
                     counts["dropped_too_long"] += 1
@@ -92,7 +97,7 @@ def prepare_shard(shard_path, tokenizer_path, out_dir, prompt_style, max_seq_len
 
 
 def prepare_instruct_data(data_dir, vocab_size, prompt_style="template", max_seq_len=350, workers=1,
-                          tokenizer_path=None):
+                          tokenizer_path=None, prompt_encoding="story_words"):
     from tokenizer import Tokenizer
 
     shards = list_shards(data_dir)
@@ -102,7 +107,7 @@ def prepare_instruct_data(data_dir, vocab_size, prompt_style="template", max_seq
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)  # a run that fails half way must not look like a finished one
-    jobs = [(shard, tokenizer_path, out_dir, prompt_style, max_seq_len) for shard in shards]
+    jobs = [(shard, tokenizer_path, out_dir, prompt_style, prompt_encoding, max_seq_len) for shard in shards]
     results = sorted(run_shard_jobs(prepare_shard, jobs, workers, desc="prepare_instruct_data"),
                      key=lambda r: r["shard"])
     stems = [os.path.splitext(r["shard"])[0] for r in results]
@@ -115,6 +120,7 @@ def prepare_instruct_data(data_dir, vocab_size, prompt_style="template", max_seq
     tok = Tokenizer(tokenizer_path)
     meta = {
         "vocab_size": tok.vocab_size, "max_seq_len": max_seq_len, "prompt_style": prompt_style,
+        "prompt_encoding": prompt_encoding,
         "tokenizer": os.path.abspath(tokenizer_path), "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": 0,
         "shards": stems, "val_shards": stems[:1],
         "records": totals["records"], "examples": totals["examples"],
@@ -136,6 +142,8 @@ def main(argv=None):
     parser.add_argument("--data_dir", default="data", help="data folder (default: data)")
     parser.add_argument("--prompt_style", choices=PROMPT_STYLES, default="template",
                         help="template: build_prompt from words/features; original: rewritten GPT prompt")
+    parser.add_argument("--prompt_encoding", choices=PROMPT_ENCODINGS, default="story_words",
+                        help="story_words: quoted words encoded as a story spells them; plain: as the original")
     parser.add_argument("--max_seq_len", type=positive_int, default=350,
                         help="longest example kept, prompt included (default 350)")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
@@ -148,7 +156,8 @@ def main(argv=None):
         parser.error(f"--max_seq_len={args.max_seq_len} is too short (expected >= 3: prompt, BOS, EOS)")
     try:
         out_dir, meta = prepare_instruct_data(args.data_dir, args.vocab_size, args.prompt_style,
-                                              args.max_seq_len, args.workers, args.tokenizer)
+                                              args.max_seq_len, args.workers, args.tokenizer,
+                                              args.prompt_encoding)
     except ShardError as exc:
         return report_error(DataError(f"prepare_instruct_data failed on shard {exc}"))
     except (DataError, OSError) as exc:

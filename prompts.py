@@ -9,6 +9,7 @@ Template prompts (the original instruct storyteller's README wording, docs/forma
 An instruct model reads the prompt's tokens, then BOS, which opens the story; the story ends
 with EOS. A plain (pretrained) model reads BOS first, then the text it continues.
 """
+import re
 from typing import Iterable, List, Optional
 
 # The TinyStories feature names and the template's phrase for each. The order matters:
@@ -114,11 +115,31 @@ def record_prompt_and_story(record, prompt_style):
     return prompt, story, None
 
 
-def prompt_ids(tokenizer, text: str, instruct: bool) -> List[int]:
+# How an instruct prompt's text becomes tokens. "story_words", this toolkit's: each quoted word
+# is encoded as a story spells it, after a space, so its first piece carries sentencepiece's "▁"
+# ('"dragon"' alone gives d ra g on; a story's "dragon" gives ▁d ra g on). Then the prompt holds
+# the very tokens the story must copy, which a fine-tune learns far sooner than a piece-by-piece
+# translation (docs/finetuning.md). "plain": the text as it is, as the original instruct
+# storyteller and this toolkit's data before the rule were encoded. Instruct data records its
+# encoding in meta.json, a checkpoint in its config; generation reads it from there.
+PROMPT_ENCODINGS = ("story_words", "plain")
+_QUOTED_WORD = re.compile(r'"([^"\s][^"]*)"')
+
+
+def story_spelled_quotes(text: str) -> str:
+    """'the verb "climb"' -> 'the verb " climb"': the text a story_words prompt is encoded from."""
+    return _QUOTED_WORD.sub(r'" \1"', text)
+
+
+def prompt_ids(tokenizer, text: str, instruct: bool, encoding: str = "story_words") -> List[int]:
     """The tokens a model reads before its story, as in training: an instruct model reads the
-    prompt, then BOS opens the story; a plain model reads BOS, then the text it continues."""
+    prompt (encoded as its data was, see PROMPT_ENCODINGS), then BOS opens the story; a plain
+    model reads BOS, then the text it continues."""
     if not text:
         return [tokenizer.bos_id]
     if instruct:
-        return tokenizer.encode(text) + [tokenizer.bos_id]
+        if encoding not in PROMPT_ENCODINGS:
+            raise ValueError(f"prompt encoding {encoding!r}: expected one of {', '.join(PROMPT_ENCODINGS)}")
+        encoded = story_spelled_quotes(text) if encoding == "story_words" else text
+        return tokenizer.encode(encoded) + [tokenizer.bos_id]
     return tokenizer.encode(text, bos=True)

@@ -182,6 +182,21 @@ def test_instruction_flags_build_the_readme_prompt(shared_data, tok512, record_p
     assert "Write a story" not in capsys.readouterr().out  # the prompt is not part of the story
 
 
+@pytest.mark.parametrize("encoding", ["story_words", "plain", None])
+def test_an_instruct_prompt_is_encoded_as_the_models_data_was(tok512, tmp_path, record_prompts, encoding):
+    """The checkpoint records how its instruct data tokenized prompts; generation follows it.
+    story_words: each quoted word after a space, as a story spells it; plain (and checkpoints
+    from before the record): the text as it is."""
+    config = {"dataset": "instruct", **({"prompt_encoding": encoding} if encoding else {})}
+    path = tiny_checkpoint(tmp_path / "ckpt.pt", 512, config=config, max_seq_len=160)
+    words = ["--verb=climb", "--noun=ring", "--adjective=messy", "--features=dialogue"]
+    assert generate.main([f"--model_path={path}", f"--tokenizer={tok512}", "--device=cpu", *words]) == 0
+    text = readme_prompt("climb", "ring", "messy")
+    if encoding == "story_words":
+        text = text.replace('"climb"', '" climb"').replace('"ring"', '" ring"').replace('"messy"', '" messy"')
+    assert record_prompts == [[Tokenizer(tok512).encode(text) + [BOS]]]
+
+
 @pytest.mark.parametrize("dataset, instruct", [("instruct", True), ("tinystories", False)])
 def test_bos_goes_after_an_instruct_prompt_and_before_a_plain_one(tok512, tmp_path, record_prompts,
                                                                   capsys, dataset, instruct):

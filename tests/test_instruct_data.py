@@ -37,13 +37,22 @@ def loader_labels(row, prompt_len, total_len):
     return x, y
 
 
+def prompt_tokens(record, prompt_for, tok):
+    """The documented encoding: each requested word, quoted in the prompt's text, is encoded as a
+    story spells it, with a space before it ('"climb"' is read as '" climb"')."""
+    text = prompt_for(record)
+    for word in record["instruction"]["words"]:
+        text = text.replace(f'"{word.strip()}"', f'" {word.strip()}"')
+    return tok.encode(text)
+
+
 def check_rows(tokens, lengths, records, prompt_for, tok, max_seq_len):
     """Every kept row is prompt + BOS + story + EOS, zero padded, for the records in order."""
     assert tokens.dtype == np.uint16 and tokens.shape == (len(records), max_seq_len)
     assert lengths.dtype == np.int32 and lengths.shape == (len(records), 2)
     for row, (prompt_len, total_len), record in zip(tokens, lengths, records):
         row = np.asarray(row)
-        prompt_ids = tok.encode(prompt_for(record))
+        prompt_ids = prompt_tokens(record, prompt_for, tok)
         story_ids = tok.encode(record["story"].strip())
         assert prompt_len == len(prompt_ids) and total_len == len(prompt_ids) + len(story_ids) + 2
         assert row[:prompt_len].tolist() == prompt_ids
@@ -57,7 +66,7 @@ def check_rows(tokens, lengths, records, prompt_for, tok, max_seq_len):
 
 
 def example_size(record, prompt_for, tok):
-    return len(tok.encode(prompt_for(record))) + len(tok.encode(record["story"].strip())) + 2
+    return len(prompt_tokens(record, prompt_for, tok)) + len(tok.encode(record["story"].strip())) + 2
 
 
 def kept(records, prompt_for, tok, max_seq_len):
@@ -95,12 +104,45 @@ def test_template_examples_and_labels(demo_data, capsys):
         check_rows(tokens, lengths, records, template_prompt, tok, 350)
     meta = json.load(open(out_dir / "meta.json"))
     assert meta["vocab_size"] == 384 and meta["max_seq_len"] == 350 and meta["prompt_style"] == "template"
+    assert meta["prompt_encoding"] == "story_words"
     assert meta["tokenizer"] == os.path.abspath(demo_data / "tok384.model")
     assert (meta["examples"], meta["val_examples"], meta["train_examples"]) == (
         len(val) + len(train), len(val), len(train))
     assert meta["dropped_too_long"] == 240 - len(val) - len(train) and meta["skipped"] == {}
     assert meta["shards"] == ["data00", "data01"] and meta["val_shards"] == ["data00"]
     assert not [p for p in os.listdir(out_dir) if p.endswith(".tmp")]
+
+
+def test_a_requested_word_has_the_same_tokens_in_the_prompt_as_in_a_story(demo_data):
+    """The model copies a requested word from its prompt: the prompt must hold the very tokens a
+    story writes for it, the first piece's leading "▁" included; the prompt's text is unchanged."""
+    tok = Tokenizer(str(demo_data / "tok384.model"))
+    prompt = build_prompt("climb", "dragon", "messy", ["Dialogue"])
+    ids = prompts.prompt_ids(tok, prompt, instruct=True)
+    assert ids[-1] == tok.bos_id
+    for word in ("climb", "dragon", "messy"):
+        in_story = tok.encode(f"Lily saw the {word} one.")
+        story_pieces = tok.encode(word)  # sentencepiece's dummy prefix: the word after a space
+        assert tok.sp.id_to_piece(story_pieces[0]).startswith("\u2581")
+        assert any(in_story[i:i + len(story_pieces)] == story_pieces for i in range(len(in_story)))
+        assert any(ids[i:i + len(story_pieces)] == story_pieces for i in range(len(ids))), word
+    assert tok.decode(ids[:-1]) == prompt.replace('"climb"', '" climb"').replace(
+        '"dragon"', '" dragon"').replace('"messy"', '" messy"')
+    assert 'the verb "climb"' in prompt  # the text users read and type keeps the original wording
+    assert prompts.prompt_ids(tok, "Once upon a time", instruct=False) == tok.encode("Once upon a time", bos=True)
+
+
+def test_plain_prompt_encoding_is_the_originals(demo_data):
+    """--prompt_encoding=plain: the prompt's text encoded as it is, as the original project did."""
+    assert pid.main(["--vocab_size=384", f"--data_dir={demo_data}", "--prompt_encoding=plain", "--workers=1"]) == 0
+    tok = Tokenizer(str(demo_data / "tok384.model"))
+    tokens, lengths = load_outputs(demo_data / "instruct384", "data00")
+    records = [r for r in shard_records(demo_data, "data00")
+               if len(tok.encode(template_prompt(r))) + len(tok.encode(r["story"].strip())) + 2 <= 350]
+    assert len(records) == len(tokens)
+    for row, (prompt_len, _), record in zip(tokens, lengths, records):
+        assert row[:prompt_len].tolist() == tok.encode(template_prompt(record))
+    assert json.load(open(demo_data / "instruct384" / "meta.json"))["prompt_encoding"] == "plain"
 
 
 def test_original_prompt_style(demo_data):

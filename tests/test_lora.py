@@ -155,6 +155,7 @@ def test_finetune_saves_a_small_adapter_and_a_merged_checkpoint(lora_run):
     merged, ckpt = load_model(str(out / "ckpt.pt"))
     assert ckpt.kind == "project" and ckpt.config["dataset"] == "instruct"
     assert ckpt.config["tokenizer"] == "tok64.model"  # from the instruct folder's meta.json
+    assert ckpt.prompt_encoding == "plain"  # its meta.json predates the record: the text as it is
     targeted = (".attention.wq.", ".attention.wv.", ".feed_forward.w3.")
     for key, value in ckpt.state_dict.items():
         if any(t in key for t in targeted):
@@ -240,6 +241,7 @@ def test_finetune_cli_errors_are_one_line(argv, needle, capsys):
 
 def write_story_instruct_data(shared_data, data_dir, width=513, n_val=32):
     """Instruct rows built with the project's prompt builder from real TinyStories stories."""
+    import prompts
     from prompts import build_prompt
     from tokenizer import Tokenizer
     tok = Tokenizer(os.path.join(shared_data, "tok512.model"))
@@ -251,11 +253,11 @@ def write_story_instruct_data(shared_data, data_dir, width=513, n_val=32):
         words = [w.strip('.,!?"\'').lower() for w in story.split() if len(w.strip('.,!?"\'')) > 3]
         verb, noun, adjective = rng.choice(words, size=3)
         prompt = build_prompt(verb, noun, adjective, ["Dialogue"] if '"' in story else [])
-        prompt_ids = tok.encode(prompt)
-        ids = prompt_ids + [tok.bos_id] + tok.encode(story) + [tok.eos_id]
+        prompt_part = prompts.prompt_ids(tok, prompt, instruct=True)  # the prompt, then BOS
+        ids = prompt_part + tok.encode(story) + [tok.eos_id]
         if len(ids) <= width:
             rows.append(np.pad(np.array(ids, dtype=np.uint16), (0, width - len(ids))))
-            lengths.append((len(prompt_ids), len(ids)))
+            lengths.append((len(prompt_part) - 1, len(ids)))
     folder = os.path.join(data_dir, "instruct512")
     os.makedirs(folder)
     tokens, lengths = np.stack(rows), np.array(lengths, dtype=np.int32)
@@ -263,7 +265,7 @@ def write_story_instruct_data(shared_data, data_dir, width=513, n_val=32):
         np.save(os.path.join(folder, f"{name}.tokens.npy"), tokens[part])
         np.save(os.path.join(folder, f"{name}.lengths.npy"), lengths[part])
     with open(os.path.join(folder, "meta.json"), "w") as f:  # what a finished prepare_instruct_data leaves
-        json.dump({"vocab_size": 512, "max_seq_len": width}, f)
+        json.dump({"vocab_size": 512, "max_seq_len": width, "prompt_encoding": "story_words"}, f)
     return len(rows)
 
 
@@ -291,6 +293,7 @@ def test_lora_finetune_of_stories260K_lowers_validation_loss(shared_data, tmp_pa
     assert adapter.extra["lora_rank"] == 2 and adapter.extra["lora_targets"] == ["wq", "wk", "wv", "wo"]
     model, ckpt = load_model(str(out / "ckpt.pt"))
     assert ckpt.is_instruct and ckpt.config["tokenizer"].endswith("tok512.model")
+    assert ckpt.prompt_encoding == "story_words"  # from meta.json: generation prompts it alike
     base_state = load_checkpoint(base).state_dict
     changed = {k for k in base_state if not torch.equal(base_state[k], ckpt.state_dict[k])}
     assert changed == {f"layers.{i}.attention.{w}.weight" for i in range(5) for w in ("wq", "wk", "wv", "wo")}

@@ -223,7 +223,7 @@ def test_train_vocab_and_pretokenize_on_demo_corpus(demo_data, capsys):
 def test_train_vocab_include_prompts_shortens_the_instructions(tmp_path):
     """--include_prompts spends pieces on the instruction's own words: the same prompt takes far
     fewer tokens, while stories still round-trip."""
-    from prompts import build_prompt
+    from prompts import build_prompt, prompt_ids
     data_dir = tmp_path / "data"
     demo_corpus.make_demo(str(data_dir), num_shards=2, stories_per_shard=400, seed=5)
     lengths = {}
@@ -231,7 +231,7 @@ def test_train_vocab_include_prompts_shortens_the_instructions(tmp_path):
         assert tinystories.main(["train_vocab", "--vocab_size=600", f"--data_dir={data_dir}", *flag]) == 0
         tok = Tokenizer(str(data_dir / "tok600.model"))
         prompt = build_prompt("climb", "ring", "messy", ["Dialogue"])
-        lengths[bool(flag)] = len(tok.encode(prompt))
+        lengths[bool(flag)] = len(prompt_ids(tok, prompt, instruct=True))
         story = stories_of(data_dir)[1][0].strip()
         assert tok.decode(tok.encode(story)) == story
     assert lengths[True] < 0.7 * lengths[False], lengths
