@@ -25,10 +25,11 @@ DEFAULTS = {
     # the original project's schedule (docs/formats.md, "The original instruct storyteller") at a
     # CPU-sized batch; its adapters (--lora_rank=2 --lora_alpha=1.0 --lora_targets=wq,wk,wv,wo)
     # learned neither to use the requested words nor to stop in the study of docs/finetuning.md:
-    # rank 8 on every linear layer, plus the embedding the base never trained for EOS, by default
+    # rank 8 on the attention matrices (the copy from the prompt), plus the embedding the base
+    # never trained for EOS, by default
     "batch_size": 32, "gradient_accumulation_steps": 1, "learning_rate": 5e-4, "max_iters": 5000,
     "weight_decay": 0.0, "warmup_iters": 100, "eval_interval": 250, "eval_iters": 20,
-    "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "wq,wk,wv,wo,w1,w2,w3,tok_embeddings",
+    "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "wq,wk,wv,wo,tok_embeddings",
 }
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from cli import DataError, OneLineParser, atomic_write, file_sha256, positive_int, report_error, vocab_size_arg
 from data_paths import ARCHIVE_NAME, pretokenized_dir, shards_dir, tokenizer_model_path
 from demo_corpus import make_demo
-from prompts import record_prompt_and_story, story_spelled_quotes
+from prompts import record_prompt_and_story
 from shards import (ShardError, iter_json_records, list_shards, resolve_tokenizer, run_shard_jobs,
                     worker_peak_rss_mb, worker_tokenizer)
 
@@ -235,7 +235,7 @@ def cmd_make_demo(args):
 
 def train_vocab(data_dir, vocab_size, num_shards, include_prompts=False):
     """llama2.c's tokenizer training. include_prompts adds each record's instruction prompt (the
-    template prompt_style of prepare_instruct_data, spelled as prompts.prompt_ids encodes it) to the text, so that a small vocabulary also
+    template prompt_style of prepare_instruct_data) to the text, so that a small vocabulary also
     spends pieces on the instruction's words: shorter instruct examples, at the price of
     departing from llama2.c's stories-only tokenizers."""
     import sentencepiece as spm
@@ -255,8 +255,8 @@ def train_vocab(data_dir, vocab_size, num_shards, include_prompts=False):
                         f.write(story.strip() + "\n")
                         n_stories += 1
                     prompt = record_prompt_and_story(record, "template")[0] if include_prompts else None
-                    if prompt:  # as prompt_ids will encode it
-                        f.write(story_spelled_quotes(prompt) + "\n")
+                    if prompt:
+                        f.write(prompt + "\n")
         if n_stories == 0:
             raise DataError(f"train_vocab: no stories in {', '.join(shards)}")
         print(f"train_vocab: training sentencepiece BPE ({vocab_size} tokens) on {n_stories} stories...",
