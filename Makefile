@@ -63,5 +63,5 @@ demo-finetune-pipeline: demo-data
 	$(PY) train.py configs/demo_base.py --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_DIR)/base $(DEMO_FT_TRAIN)
 	$(PY) finetune_lora.py configs/demo_lora.py --init_from=$(DEMO_DIR)/base/ckpt.pt --data_dir=$(DEMO_DATA) \
 		--out_dir=$(DEMO_DIR)/lora $(DEMO_FT_TRAIN)
-	$(PY) evaluate.py --compare $(DEMO_DIR)/base/ckpt.pt $(DEMO_DIR)/lora/ckpt.pt --data=$(DEMO_DATA)/instruct$(DEMO_VOCAB) \
+	$(PY) evaluate.py --compare $(DEMO_DIR)/base/ckpt.pt $(DEMO_DIR)/lora/ckpt.pt --data=$(DEMO_DATA)/instruct$(DEMO_VOCAB) --max_tokens=200000 \
 		--num_prompts=$(DEMO_PROMPTS) --held_out_from=$(DEMO_DATA) --report=$(DEMO_DIR)/eval_finetune.json
