@@ -28,6 +28,7 @@ from cli import UsageError, atomic_write, file_sha256
 from data_paths import LLAMA2_VOCAB_SIZE, tokenizer_file_name, vocab_source
 from lora import merge_adapters, merge_parametrized_lora
 from model import ModelArgs, Transformer
+from prompts import PROMPT_ENCODINGS
 from tokenizer import Tokenizer, TokenizerError
 
 LLAMA2C_MAGIC = 0x616B3432  # "ak42"
@@ -55,7 +56,11 @@ class Checkpoint:
     def prompt_encoding(self) -> str:
         """How its training data tokenized prompts (prompts.PROMPT_ENCODINGS); checkpoints from
         before the data recorded it, and the original's, read plain text."""
-        return self.config.get("prompt_encoding") or "plain"
+        encoding = self.config.get("prompt_encoding") or "plain"
+        if encoding not in PROMPT_ENCODINGS:
+            raise CheckpointError(f"{self.path}: config prompt_encoding {encoding!r}, expected one of "
+                                  f"{', '.join(PROMPT_ENCODINGS)}")
+        return encoding
 
 
 # ---- reading ---------------------------------------------------------------------------------

@@ -197,6 +197,13 @@ def test_an_instruct_prompt_is_encoded_as_the_models_data_was(tok512, tmp_path, 
     assert record_prompts == [[Tokenizer(tok512).encode(text) + [BOS]]]
 
 
+def test_an_unknown_prompt_encoding_is_refused_in_one_line(tok512, tmp_path, capsys):
+    path = tiny_checkpoint(tmp_path / "ckpt.pt", 512, config={"dataset": "instruct", "prompt_encoding": "odd"})
+    assert generate.main([f"--model_path={path}", f"--tokenizer={tok512}", "--device=cpu", "--prompt=hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ckpt.pt" in err and "prompt_encoding 'odd'" in err, err
+
+
 @pytest.mark.parametrize("dataset, instruct", [("instruct", True), ("tinystories", False)])
 def test_bos_goes_after_an_instruct_prompt_and_before_a_plain_one(tok512, tmp_path, record_prompts,
                                                                   capsys, dataset, instruct):
