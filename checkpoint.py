@@ -208,7 +208,7 @@ def _read_lora_adapter(path, obj) -> Checkpoint:
         raise CheckpointError(f"{path}: names itself as its base checkpoint")
     base = load_checkpoint(base_path)
     try:
-        state = merge_adapters(base.state_dict, obj["lora"], float(obj["lora_alpha"]))
+        state = merge_adapters(base.state_dict, obj["lora"], float(obj["lora_alpha"]), bool(obj.get("lora_rslora", False)))
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: malformed LoRA adapter ({type(exc).__name__}: {exc})") from None
     config = {**base.config, **(obj.get("config") or {})}

@@ -3,8 +3,9 @@
     python finetune_lora.py configs/demo_lora.py
     python finetune_lora.py --init_from=data/stories110M.pt --lora_rank=2 --lora_targets=wq,wk,wv,wo
 
-The settings are train.py's plus lora_rank, lora_alpha (scaling = alpha / rank), lora_dropout
-and lora_targets. out_dir gets adapter.pt (the best adapter alone: a few KB to MB, with the
+The settings are train.py's plus lora_rank, lora_alpha, lora_rslora (scaling = alpha /
+sqrt(rank), the default, so a rank can change without retuning alpha or the learning rate; False:
+alpha / rank, as the LoRA paper and the original project), lora_dropout and lora_targets. out_dir gets adapter.pt (the best adapter alone: a few KB to MB, with the
 base checkpoint's path and sha256, so it is refused on any other base), ckpt.pt = best.pt (the
 best model with the adapter merged: a plain checkpoint for generate.py and the exporters) and
 last.pt (merged too, plus the unmerged adapter and optimizer state that --init_from=resume needs).
@@ -29,7 +30,8 @@ DEFAULTS = {
     # never trained for EOS, by default
     "batch_size": 32, "gradient_accumulation_steps": 1, "learning_rate": 5e-4, "max_iters": 5000,
     "weight_decay": 0.0, "warmup_iters": 100, "eval_interval": 250, "eval_iters": 20,
-    "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "wq,wk,wv,wo,tok_embeddings",
+    "lora_rank": 8, "lora_alpha": 16.0, "lora_rslora": True, "lora_dropout": 0.0,
+    "lora_targets": "wq,wk,wv,wo,tok_embeddings",
 }
 
 
@@ -57,11 +59,13 @@ class LoRATraining(train.FullTraining):
         base.model_args.dropout = cfg["dropout"]
         model = Transformer(base.model_args)
         model.load_state_dict(base.state_dict)
-        apply_lora(model, parse_targets(cfg["lora_targets"]), cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"])
+        apply_lora(model, parse_targets(cfg["lora_targets"]), cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"],
+                   cfg["lora_rslora"])
         if resume is not None:
             # every setting that shapes or scales the adapters: a changed alpha would silently rescale them
-            keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-            saved, now = {k: resume.config.get(k) for k in keys}, {k: cfg[k] for k in keys}
+            keys = ("lora_rank", "lora_alpha", "lora_rslora", "lora_dropout", "lora_targets")
+            saved = {k: resume.config.get(k, False if k == "lora_rslora" else None) for k in keys}  # older runs: alpha / rank
+            now = {k: cfg[k] for k in keys}
             if saved != now:
                 changed = ", ".join(f"{k} {saved[k]!r} (now {now[k]!r})" for k in keys if saved[k] != now[k])
                 raise UsageError(f"init_from=resume: this run used {changed}; resume with the same settings")
@@ -76,7 +80,7 @@ class LoRATraining(train.FullTraining):
         if is_best:
             save_checkpoint(os.path.join(cfg["out_dir"], "adapter.pt"), {
                 "kind": "lora_adapter", "lora": lora_state_dict(model), "lora_rank": cfg["lora_rank"],
-                "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
+                "lora_alpha": cfg["lora_alpha"], "lora_rslora": cfg["lora_rslora"], "lora_dropout": cfg["lora_dropout"],
                 "lora_targets": parse_targets(cfg["lora_targets"]), "base_checkpoint": os.path.abspath(self.base_path),
                 "base_sha256": self.base_sha256, "config": cfg})
 

@@ -66,12 +66,12 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0):
 
 def apply_rope(x, cos, sin):
     """Rotate ADJACENT pairs (x0, x1), (x2, x3)... as Meta's and llama2.c's weights expect.
-    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim / 2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim / 2). Each pair is one complex
+    number turned by the position's angle: a single multiply forwards and backwards, about 5x
+    cheaper on a CPU than rotating the real pairs element by element (docs/finetuning.md, round 3)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    turn = torch.complex(cos.float(), sin.float())[None, :, None, :]
+    return torch.view_as_real(pairs * turn).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -183,15 +183,20 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, targets=None, input_pos=None, all_logits=False):
-        """With targets: logits for every position and the mean cross entropy (ignoring -1).
-        Without: logits of the last position only (all of them if all_logits), loss None.
+        """With targets: the mean cross entropy over the positions whose target is not -1, and
+        those positions' logits, (positions, vocab) in row-major order. Without: logits of the last
+        position only (all of them if all_logits), loss None.
         input_pos (set by prefill/decode_step): the tokens' positions, where they go in the cache."""
         h = self.hidden_states(tokens, input_pos)
         if targets is not None:
+            h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+            if not torch.compiler.is_compiling():
+                # instruct rows score only the story (about half of a demo batch): the prompt and
+                # the padding need no classifier. Compiled graphs keep their static shapes instead
+                scored = (targets != -1).nonzero().squeeze(1)
+                h, targets = h[scored], targets[scored]
             logits = self.output(h)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
-            return logits, loss
+            return logits, F.cross_entropy(logits.float(), targets, ignore_index=-1)
         return self.output(h if all_logits else h[:, [-1], :]), None
 
     def hidden_states(self, tokens, input_pos=None):

@@ -10,7 +10,7 @@ import dataset
 import finetune_lora
 import train
 from checkpoint import CheckpointError, load_checkpoint, load_model, model_args_dict, save_checkpoint
-from lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, merged_state_dict
+from lora import LoRALinear, apply_lora, lora_modules, lora_state_dict, merge_lora, merged_state_dict
 from model import ModelArgs, Transformer
 from test_train import VOCAB, read_metrics, step_losses, tiny_config, write_instruct_shards
 
@@ -38,7 +38,7 @@ def save_base(path, model):
 
 def lora_config(data_dir, out_dir, base, **overrides):
     c = tiny_config(data_dir, out_dir, dataset="instruct", init_from=base, max_iters=10, eval_interval=5)
-    c.update({k: finetune_lora.DEFAULTS[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")})
+    c.update({k: finetune_lora.DEFAULTS[k] for k in ("lora_rank", "lora_alpha", "lora_rslora", "lora_dropout", "lora_targets")})
     c.update(overrides)
     return c
 
@@ -101,6 +101,36 @@ def test_merged_model_gives_the_adapter_models_logits():
         assert not any(isinstance(m, LoRALinear) for m in model.modules())
         assert set(model.state_dict()) == set(plain.state_dict())
         torch.testing.assert_close(model(tokens, all_logits=True)[0], adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha_over_rank", "rslora"])
+def test_adapted_weight_in_one_matmul_trains_as_the_two_thin_ones(rslora):
+    """The merged forward (small layers, lora.merges_in_forward) and the textbook x A^T B^T form give
+    the same outputs and the same adapter gradients, embedding and tied classifier included."""
+    tokens, targets = torch.randint(0, VOCAB, (2, 20)), torch.randint(0, VOCAB, (2, 20))
+    results = []
+    for merged in (True, False):
+        model = apply_lora(tiny_model(), targets=["wq", "wo", "w2", "tok_embeddings"], rank=4, alpha=2.0, rslora=rslora)
+        randomize_adapters(model)
+        for _, module in lora_modules(model):
+            assert module.merge_in_forward  # tiny layers merge by default
+            module.merge_in_forward = merged
+        loss = model(tokens, targets)[1]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_merged, grads_merged), (loss_thin, grads_thin) = results
+    torch.testing.assert_close(loss_merged, loss_thin, rtol=1e-5, atol=1e-6)
+    assert set(grads_merged) == set(grads_thin) and len(grads_merged) == 2 * (2 * 3 + 1)  # A, B of 3 targets x 2 layers + embedding
+    for name in grads_thin:
+        torch.testing.assert_close(grads_merged[name], grads_thin[name], rtol=1e-4, atol=1e-6)
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank():
+    model = apply_lora(tiny_model(), targets=["wq"], rank=4, alpha=2.0, rslora=True)
+    layer = model.layers[0].attention.wq
+    assert layer.scaling == 1.0  # 2 / sqrt(4); alpha / rank would be 0.5
+    randomize_adapters(model)
+    torch.testing.assert_close(layer.merged_weight(), layer.weight + layer.lora_b @ layer.lora_a)
 
 
 def test_embedding_adapter_moves_embedding_and_tied_classifier_alike(tmp_path):
@@ -271,7 +301,7 @@ def write_story_instruct_data(shared_data, data_dir, width=513, n_val=32):
 
 def stories260K_config(shared_data, data_dir, out_dir, base, **overrides):
     c = dict(finetune_lora.DEFAULTS, init_from=base, data_dir=str(data_dir), out_dir=str(out_dir),
-             lora_rank=2, lora_alpha=1.0, lora_targets="wq,wk,wv,wo",  # the original project's adapters
+             lora_rank=2, lora_alpha=1.0, lora_rslora=False, lora_targets="wq,wk,wv,wo",  # the original project's adapters
              tokenizer=os.path.join(shared_data, "tok512.model"), batch_size=8, max_iters=30,
              eval_interval=30, eval_iters=4, warmup_iters=5, learning_rate=1e-2, device="cpu",
              dtype="float32", compile=False, peak_flops=1e12,
