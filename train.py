@@ -30,7 +30,7 @@ from checkpoint import load_checkpoint, model_args_dict, save_checkpoint
 from cli import (DTYPE_NAMES, ToolError, UsageError, atomic_write, bf16_supported, default_device, lock_folder,
                  remove_stale_temp_files, report_error, torch_dtype)
 from data_paths import vocab_source
-from dataset import BatchSampler, data_prompt_encoding, default_tokenizer, fixed_batches, open_dataset
+from dataset import BatchSampler, data_prompt_format, default_tokenizer, fixed_batches, open_dataset
 from metrics import MetricsLog, peak_flops, plot_losses
 from model import ModelArgs, Transformer
 
@@ -185,7 +185,7 @@ def open_training_data(cfg, args: ModelArgs):
     train_data = open_dataset(cfg, "train", args.max_seq_len)
     val_data = open_dataset(cfg, "val", args.max_seq_len)
     cfg["max_seq_len"], cfg["tokenizer"] = train_data.seq_len, cfg["tokenizer"] or default_tokenizer(cfg)
-    cfg["prompt_encoding"] = data_prompt_encoding(cfg)
+    cfg["prompt_format"] = data_prompt_format(cfg)
     return train_data, val_data
 
 
