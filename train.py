@@ -331,12 +331,13 @@ def train(config, recipe=None) -> dict:
               f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     metrics = MetricsLog(out_dir, resume_from=iter_num if resume else None, enabled=procs.master)
 
-    def save_last(loader_state):
-        """last.pt: everything a resume needs to repeat the run from iter_num on."""
+    def save_last(loader_state, evaluated):
+        """last.pt: everything a resume needs to repeat the run from iter_num on, and whether
+        iter_num's evaluation already ran (a Ctrl-C save can land on an eval boundary before it)."""
         save_checkpoint(last_path, {
             "kind": "project", **recipe.checkpoint_weights(model), "model_args": model_args_dict(model.args),
             "config": cfg, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
-            "best_val_loss": best_val_loss, "loader_state": loader_state})
+            "best_val_loss": best_val_loss, "loader_state": loader_state, "evaluated": evaluated})
         recipe.after_save(model, cfg, last_path, False)
 
     def last_good():
@@ -346,11 +347,13 @@ def train(config, recipe=None) -> dict:
     bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not procs.master, dynamic_ncols=True, leave=False)
     stop = StopRequest()
     last_loss, t_start = float("nan"), time.time()
+    # a last.pt from before the record does not say: evaluate again rather than maybe never
+    evaluated_iter = iter_num if resume and resume.extra.get("evaluated", False) else None
     try:
         while True:
             loader_state = sampler.get_state()  # where this iteration's rows come from
             due = iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]
-            if due and not (resume and iter_num == start_iter):
+            if due and evaluated_iter != iter_num:
                 t0 = time.time()
                 losses = estimate_losses(model, eval_sets, cfg, procs, autocast)
                 if not all(map(math.isfinite, losses.values())):
@@ -364,10 +367,11 @@ def train(config, recipe=None) -> dict:
                     bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     is_best = losses["val"] < best_val_loss
                     best_val_loss = min(best_val_loss, losses["val"])
-                    save_last(loader_state)
+                    save_last(loader_state, evaluated=True)
                     if is_best:
                         save_best(out_dir, last_path)
                         recipe.after_save(model, cfg, os.path.join(out_dir, "best.pt"), True)
+                evaluated_iter = iter_num
             if iter_num >= cfg["max_iters"]:
                 break
             t0, lr = time.time(), get_lr(iter_num, cfg)
@@ -396,7 +400,7 @@ def train(config, recipe=None) -> dict:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if procs.master:  # the state at the start of iteration iter_num: resume repeats it exactly
-            save_last(loader_state)
+            save_last(loader_state, evaluated=evaluated_iter == iter_num)
             bar.write(f"interrupted at iter {iter_num}: saved {last_path} (continue with --init_from=resume)")
         raise
     finally:

@@ -64,6 +64,56 @@ def test_ctrl_c_inside_the_optimizer_step_does_not_repeat_a_batch(pretrain_dir, 
     assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut"))
 
 
+def saved_files(out_dir):
+    """ckpt.pt, best.pt and last.pt as dicts, less the settings (out_dir, init_from differ)."""
+    files = {}
+    for name in ("ckpt.pt", "best.pt", "last.pt"):
+        obj = torch.load(os.path.join(out_dir, name), weights_only=True)
+        obj.pop("config")
+        files[name] = obj
+    return files
+
+
+def assert_same_contents(a, b, where=""):
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_contents(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_contents(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_ctrl_c_on_an_eval_boundary_then_resume_writes_the_same_files(pretrain_dir, tmp_path, monkeypatch):
+    """SIGINT during the last step saves last.pt at max_iters before that iteration's evaluation:
+    the resumed run must still evaluate it (before the fix it did 0 steps and no evaluation, and
+    ckpt.pt/best.pt stayed at the previous evaluation's weights)."""
+    settings = dict(max_iters=8, lr_decay_iters=8, eval_interval=4, learning_rate=1e-2)
+    train.train(tiny_config(pretrain_dir, tmp_path / "ref", **settings))
+    real_step = torch.optim.AdamW.step
+    steps = {"n": 0}
+
+    def step_then_sigint(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        steps["n"] += 1
+        if steps["n"] == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_config(pretrain_dir, tmp_path / "cut", **settings))
+    assert load_checkpoint(str(tmp_path / "cut" / "last.pt")).extra["iter_num"] == 8
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    train.train(tiny_config(pretrain_dir, tmp_path / "cut", **dict(settings, init_from="resume")))
+    assert_same_contents(saved_files(tmp_path / "ref"), saved_files(tmp_path / "cut"))
+
+
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(pretrain_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     c = tiny_config(pretrain_dir, out, max_iters=10, eval_interval=5)
