@@ -14,6 +14,7 @@ Every export carries the prompt format (prompts.prompt_format), and each reader 
 Nothing is unpickled beyond tensors and plain containers (`weights_only=True`), so a hostile
 file can fail to load but never run code.
 """
+import hashlib
 import json
 import os
 import pickle
@@ -205,15 +206,47 @@ def _read_torch(path) -> Checkpoint:
     return Checkpoint(path, kind, args, state, config, extra)
 
 
+def checkpoint_sha256(path: str) -> str:
+    """sha256 of a checkpoint file; for a folder (a Hugging Face model), of every file in it:
+    each one's path inside the folder and its own sha256, in sorted order."""
+    if not os.path.isdir(path):
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            digest.update(f"{os.path.relpath(full, path)}\0{file_sha256(full)}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def base_reference(base_path: str, folder: str) -> dict:
+    """How an adapter (or a LoRA run's last.pt) in `folder` names its base: relative to that
+    folder when both lie in one tree (so a moved out/ folder still finds it), and absolute as
+    well, for an adapter moved without its base."""
+    base, folder = os.path.abspath(base_path), os.path.abspath(folder)
+    same_tree = os.path.dirname(os.path.commonpath([base, folder])) != os.path.commonpath([base, folder])
+    return {"base_checkpoint": os.path.relpath(base, folder) if same_tree else base,
+            "base_checkpoint_absolute": base}
+
+
+def find_base_checkpoint(path: str, obj: dict) -> str:
+    """The base an adapter or a LoRA run's last.pt at `path` names (base_reference): relative to
+    its folder first, then the absolute path, then (files from before) as written."""
+    recorded = obj.get("base_checkpoint")
+    if not isinstance(recorded, str) or not recorded:
+        raise CheckpointError(f"{path}: names no base checkpoint")
+    here = os.path.dirname(os.path.abspath(path))
+    candidates = [os.path.join(here, recorded), obj.get("base_checkpoint_absolute"), recorded]
+    found = next((c for c in candidates if isinstance(c, str) and c and os.path.exists(c)), None)
+    if found is None:
+        raise CheckpointError(f"{path}: its base checkpoint {recorded!r} is not found")
+    return found
+
+
 def _read_lora_adapter(path, obj) -> Checkpoint:
-    base_path = obj.get("base_checkpoint")
-    if not base_path or not os.path.isfile(base_path):
-        # a relative base path is also tried relative to the adapter's folder
-        candidate = os.path.join(os.path.dirname(path), base_path or "")
-        if not base_path or not os.path.isfile(candidate):
-            raise CheckpointError(f"{path}: its base checkpoint {base_path!r} is not found")
-        base_path = candidate
-    if obj.get("base_sha256") and file_sha256(base_path) != obj["base_sha256"]:
+    base_path = find_base_checkpoint(path, obj)
+    if obj.get("base_sha256") and checkpoint_sha256(base_path) != obj["base_sha256"]:
         raise CheckpointError(f"{path}: base checkpoint {base_path} is not the one this adapter "
                               f"was trained on (sha256 differs)")
     if os.path.abspath(base_path) == os.path.abspath(path):
