@@ -10,8 +10,10 @@
 Instruction following: each prompt asks for a verb, a noun and an adjective (and maybe
 features). A story uses a word when one of its lower-cased words is: for the verb, the base
 form or a regular inflection (climb, climbs, climbed, climbing; hop -> hopped, carry ->
-carried: demo_corpus.verb_forms); for the noun, the noun or its regular plural; for the
-adjective, the adjective itself. A Dialogue story must contain quoted speech ("..." or curly
+carried: demo_corpus.verb_forms); for the noun, the noun or its regular plural (noun_forms:
+hat -> hats, never "hates"); for the adjective, the adjective itself. A word in both demo lists
+(watch, rock, brush...) counts for the role the prompt asks for, in that role's forms only: the
+noun brush is not used by "brushed". A Dialogue story must contain quoted speech ("..." or curly
 quotes). Irregular forms (ran, went) do not count.
 
 Prompts are laid out and encoded as the checkpoint's prompt format says (its data's, recorded in
@@ -209,11 +211,23 @@ def story_words(story: str) -> set:
 
 
 def noun_forms(noun: str) -> set:
+    """{noun, its plural} by the regular English spelling rules: box boxes, dish dishes, berry
+    berries, leaf leaves (or leafs), knife knives, potato potatoes (or pianos); otherwise -s. So
+    hat matches hats, never "hates"."""
     noun = noun.lower()
-    forms = {noun, noun + "s", noun + "es"}
-    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
-        forms.add(noun[:-1] + "ies")
-    return forms
+    if re.search(r"(s|x|z|ch|sh)$", noun):
+        plurals = {noun + "es"}
+    elif re.search(r"[^aeiou]y$", noun):
+        plurals = {noun[:-1] + "ies"}
+    elif noun.endswith("fe"):
+        plurals = {noun[:-2] + "ves", noun + "s"}
+    elif noun.endswith("f"):
+        plurals = {noun[:-1] + "ves", noun + "s"}
+    elif re.search(r"[^aeiou]o$", noun):
+        plurals = {noun + "es", noun + "s"}
+    else:
+        plurals = {noun + "s"}
+    return {noun} | plurals
 
 
 def score_story(story: str, request: Request) -> dict:
