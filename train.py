@@ -223,10 +223,12 @@ def all_reduce(tensor, procs, op=dist.ReduceOp.SUM):
 class StopRequest:
     """The first Ctrl-C (SIGINT) only asks the loop to stop after the iteration it is in, so the
     checkpoint it then writes never holds a step whose iteration was not counted; a second
-    Ctrl-C interrupts at once."""
+    Ctrl-C interrupts at once, except while a step is applied and counted (applying). Under
+    torchrun a second SIGINT is torchrun forwarding the same Ctrl-C to its workers: it changes
+    nothing, so every process still stops after the same step (torchrun kills what lingers)."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, ddp=False):
+        self.requested, self.ddp, self.applying = False, ddp, False
         self.previous = signal.getsignal(signal.SIGINT)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self.handle)
@@ -234,9 +236,9 @@ class StopRequest:
             self.previous = None
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested and not self.ddp and not self.applying:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = True  # while applying: the loop stops as soon as the step is counted
 
     def close(self):
         if self.previous is not None:
@@ -345,7 +347,7 @@ def train(config, recipe=None) -> dict:
 
     from tqdm import tqdm
     bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not procs.master, dynamic_ncols=True, leave=False)
-    stop = StopRequest()
+    stop = StopRequest(procs.ddp)
     last_loss, t_start = float("nan"), time.time()
     # a last.pt from before the record does not say: evaluate again rather than maybe never
     evaluated_iter = iter_num if resume and resume.extra.get("evaluated", False) else None
@@ -381,10 +383,12 @@ def train(config, recipe=None) -> dict:
             if not math.isfinite(last_loss):
                 raise TrainingError(f"loss is {last_loss} at iter {iter_num}: stopped before applying that "
                                     f"step; the last good checkpoint is {last_good()}")
+            stop.applying = True  # no interrupt between the weights moving and the iteration counted
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
+            stop.applying = False
             bar.update(1)
             if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
                 dt = time.time() - t0

@@ -150,7 +150,8 @@ def test_finetune_saves_a_small_adapter_and_a_merged_checkpoint(lora_run):
     assert adapter.kind == "lora_adapter"
     assert adapter.extra["lora_rank"] == 3 and adapter.extra["lora_alpha"] == 3.0
     assert adapter.extra["lora_targets"] == ["wq", "wv", "w3"]
-    assert os.path.samefile(adapter.extra["base_checkpoint"], lora_run["base"])
+    assert os.path.samefile(adapter.extra["base_checkpoint_absolute"], lora_run["base"])
+    assert adapter.extra["base_checkpoint"] == os.path.join("..", "base.pt")  # relative: the tree can move
     assert os.path.getsize(out / "adapter.pt") < os.path.getsize(lora_run["base"]) / 2
 
     merged, ckpt = load_model(str(out / "ckpt.pt"))
@@ -319,7 +320,7 @@ def test_original_projects_lora_checkpoint_is_a_base(shared_data, tmp_path):
             losses.append(base_model(*val.get(rows, "cpu"))[1].item())
     assert first_eval["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     adapter = load_checkpoint(str(out / "adapter.pt"))
-    assert os.path.samefile(adapter.extra["base_checkpoint"], base)
+    assert os.path.samefile(adapter.extra["base_checkpoint_absolute"], base)
 
 
 # ---- adapters that move, folder bases, targets as lists -----------------------------------------
