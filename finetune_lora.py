@@ -46,7 +46,8 @@ class LoRATraining(train.FullTraining):
         if resume is not None:
             if "lora_state" not in resume.extra or "base_checkpoint" not in resume.extra:
                 raise UsageError(f"init_from=resume: {resume.path} is not a LoRA run's last.pt")
-            self.base_path, expected_sha = find_base_checkpoint(resume.path, resume.extra), resume.extra.get("base_sha256")
+            self.base_path = find_base_checkpoint(resume.path, resume.extra)
+            expected_sha = resume.extra.get("base_sha256")
         elif cfg["init_from"] in ("", "scratch", "resume"):
             raise UsageError("init_from: finetune_lora needs --init_from=PATH (the base checkpoint), "
                                     "or --init_from=resume to continue a LoRA run")

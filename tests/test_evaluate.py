@@ -208,7 +208,8 @@ def test_compare_asks_every_model_the_same_token_sequences(shared_data, tmp_path
     base = os.path.join(shared_data, "stories260K.pt")
     obj = torch.load(base, weights_only=True)
     tuned = str(tmp_path / "tuned.pt")
-    save_checkpoint(tuned, {**obj, "config": {**obj["config"], "dataset": "instruct", "prompt_encoding": "story_words"}})
+    config = {**obj["config"], "dataset": "instruct", "prompt_encoding": "story_words"}
+    save_checkpoint(tuned, {**obj, "config": config})
     seen, real = [], Transformer.generate
 
     def recording(self, prompt, *args, **kwargs):

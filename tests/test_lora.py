@@ -361,7 +361,8 @@ def test_a_hugging_face_folder_base_gets_a_content_hash(tmp_path):
     data_dir = write_instruct_shards(str(tmp_path / "data"))
     base = save_base(tmp_path / "base.pt", tiny_model())
     folder = tmp_path / "hf"
-    assert export.main([f"--checkpoint={base}", "--format=hf", f"--out={folder}", f"--tokenizer={tok64(tmp_path)}"]) == 0
+    tokenizer = tok64(tmp_path)
+    assert export.main([f"--checkpoint={base}", "--format=hf", f"--out={folder}", f"--tokenizer={tokenizer}"]) == 0
     c = lora_config(data_dir, tmp_path / "out", str(folder), max_iters=2, eval_interval=2)
     assert finetune_lora.main([f"--{k}={v}" for k, v in c.items()]) == 0
     adapter = load_checkpoint(str(tmp_path / "out" / "adapter.pt"))
