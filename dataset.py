@@ -67,8 +67,9 @@ def open_token_shard(path):
 
 
 class TokenWindows(ShardedRows):
-    """Pretraining: windows of seq_len+1 tokens at random offsets of the uint16 shards, as llama2.c
-    draws them. Each shard is memory-mapped once for the run, not once per batch as in nanoGPT."""
+    """Pretraining: windows of seq_len+1 tokens at random offsets of the uint16 shards, as nanoGPT
+    draws them (llama2.c cuts each shard into consecutive windows and shuffles those). Each shard
+    is memory-mapped once for the run, not once per batch as in nanoGPT."""
 
     def __init__(self, folder, files, seq_len, vocab_size=None):
         self.shards = [open_token_shard(f) for f in files]
