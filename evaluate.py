@@ -10,9 +10,15 @@
 Instruction following: each prompt asks for a verb, a noun and an adjective (and maybe
 features). A story uses a word when one of its lower-cased words is: for the verb, the base
 form or a regular inflection (climb, climbs, climbed, climbing; hop -> hopped, carry ->
-carried: demo_corpus.verb_forms); for the noun, the noun or its regular plural; for the
-adjective, the adjective itself. A Dialogue story must contain quoted speech ("..." or curly
+carried: demo_corpus.verb_forms); for the noun, the noun or its regular plural (noun_forms:
+hat -> hats, never "hates"); for the adjective, the adjective itself. A word in both demo lists
+(watch, rock, brush...) counts for the role the prompt asks for, in that role's forms only: the
+noun brush is not used by "brushed". A Dialogue story must contain quoted speech ("..." or curly
 quotes). Irregular forms (ran, went) do not count.
+
+Prompts are laid out and encoded as the checkpoint's prompt format says (its data's, recorded in
+the checkpoint and every export); --compare asks every model the same token sequences, and
+--prompt_encoding / --instruct override the record for files made elsewhere.
 """
 import argparse
 import glob
@@ -34,8 +40,8 @@ from tqdm import tqdm
 from cli import DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, write_json
 from dataset import InstructRows, check_token_ids, open_token_shard
 from demo_corpus import DEMO_ADJECTIVES, DEMO_NOUNS, DEMO_VERBS, verb_forms
-from generate import check_sampling_args, load_for_sampling, sample_stories
-from prompts import FEATURE_PHRASES, build_prompt, canonical_feature, prompt_ids
+from generate import add_prompt_format_args, check_sampling_args, load_for_sampling, model_prompt_format, sample_stories
+from prompts import FEATURE_PHRASES, build_prompt, canonical_feature, prompt_format, prompt_ids
 
 STORY_SEPARATOR = "<|endoftext|>"
 QUOTED_SPEECH = re.compile(r'"[^"\n]{2,}"|\u201c[^\u201d\n]{2,}\u201d')
@@ -205,11 +211,23 @@ def story_words(story: str) -> set:
 
 
 def noun_forms(noun: str) -> set:
+    """{noun, its plural} by the regular English spelling rules: box boxes, dish dishes, berry
+    berries, leaf leaves (or leafs), knife knives, potato potatoes (or pianos); otherwise -s. So
+    hat matches hats, never "hates"."""
     noun = noun.lower()
-    forms = {noun, noun + "s", noun + "es"}
-    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
-        forms.add(noun[:-1] + "ies")
-    return forms
+    if re.search(r"(s|x|z|ch|sh)$", noun):
+        plurals = {noun + "es"}
+    elif re.search(r"[^aeiou]y$", noun):
+        plurals = {noun[:-1] + "ies"}
+    elif noun.endswith("fe"):
+        plurals = {noun[:-2] + "ves", noun + "s"}
+    elif noun.endswith("f"):
+        plurals = {noun[:-1] + "ves", noun + "s"}
+    elif re.search(r"[^aeiou]o$", noun):
+        plurals = {noun + "es", noun + "s"}
+    else:
+        plurals = {noun + "s"}
+    return {noun} | plurals
 
 
 def score_story(story: str, request: Request) -> dict:
@@ -223,13 +241,32 @@ def score_story(story: str, request: Request) -> dict:
     return found
 
 
-def run_requests(model, tokenizer, requests, prompt_encoding, max_new_tokens, temperature, top_k,
+def evaluation_prompt_format(formats, instruct=None, encoding=None) -> dict:
+    """The one prompt format every evaluated model is asked in, so that --compare scores them all
+    on the same token sequences: instruct prompts (unless --no-instruct), encoded as
+    --prompt_encoding says, else as the instruct models among them were trained (plain if none is);
+    models trained on different encodings need --prompt_encoding to say which."""
+    if instruct is False:
+        if encoding:
+            raise UsageError("--prompt_encoding says how an instruct prompt is encoded: drop --no-instruct")
+        return prompt_format(False)
+    if encoding is None:
+        encodings = sorted({f["prompt_encoding"] for f in formats if f["is_instruct"]})
+        if len(encodings) > 1:
+            raise UsageError(f"the models were trained on prompts encoded {' and '.join(encodings)}; pass "
+                             f"--prompt_encoding to score them all on the same prompts")
+        encoding = encodings[0] if encodings else "plain"
+    return prompt_format(True, encoding)
+
+
+def run_requests(model, tokenizer, requests, fmt, max_new_tokens, temperature, top_k,
                  top_p, seed, compile=False):
-    """Sample one story per request, its prompt encoded as the model's data was. Prompts of equal
-    token length share a batch, sampled through generate.py's path (compiled decode step if asked)."""
+    """Sample one story per request, its prompt laid out and encoded as fmt (prompts.prompt_format)
+    says. Prompts of equal token length share a batch, sampled through generate.py's path
+    (compiled decode step if asked)."""
     by_length = defaultdict(list)
     for request in requests:
-        ids = prompt_ids(tokenizer, request.prompt, True, prompt_encoding)
+        ids = prompt_ids(tokenizer, request.prompt, fmt["is_instruct"], fmt["prompt_encoding"])
         by_length[len(ids)].append((request, ids))
     results = []
     with tqdm(total=len(requests), desc="sampling stories", unit="story") as bar:
@@ -287,15 +324,16 @@ def print_table(reports: list):
             print(f"| {label} | " + " | ".join(cells) + " |")
 
 
-def evaluate_checkpoint(path, args, requests, report_extra) -> dict:
-    """Loss and/or instruction following of one checkpoint, as a report dict."""
-    model, ckpt, tokenizer = load_for_sampling(path, args.tokenizer, args.device, args.dtype, args.quantize)
-    report = {"model_path": path, "tokenizer": tokenizer.model_path, **report_extra}
+def evaluate_checkpoint(loaded, args, requests, report_extra, fmt) -> dict:
+    """Loss and/or instruction following of one loaded checkpoint, as a report dict."""
+    model, ckpt, tokenizer = loaded
+    report = {"model_path": ckpt.path, "tokenizer": tokenizer.model_path, **report_extra}
     if args.data:
         report.update(evaluate_loss(model, tokenizer, args.data, args.batch_size, args.max_tokens))
     if requests:
-        results = run_requests(model, tokenizer, requests, ckpt.prompt_encoding, args.max_new_tokens, args.temperature,
+        results = run_requests(model, tokenizer, requests, fmt, args.max_new_tokens, args.temperature,
                                args.top_k, args.top_p, args.seed, args.compile)
+        report["prompt_format"] = fmt
         report.update(summarize(results))
         report["sampling"] = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}
         report["samples"] = results
@@ -308,6 +346,7 @@ def build_parser():
     p.add_argument("--compare", nargs="+", metavar="CHECKPOINT",
                    help="evaluate several checkpoints alike and print their scores side by side")
     p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
+    add_prompt_format_args(p)
     p.add_argument("--data", help="loss on: a shard folder, a .bin or .tokens.npy shard, or a .txt file")
     p.add_argument("--max_tokens", type=int, default=1_000_000, help="at most this many tokens for the loss")
     p.add_argument("--batch_size", type=int, default=16)
@@ -351,7 +390,10 @@ def main(argv=None):
             extra = {"held_out_from": args.held_out_from, "training_word_triples": len(seen)}
         else:
             requests = []
-        reports = [evaluate_checkpoint(path, args, requests, extra) for path in paths]
+        loaded = [load_for_sampling(path, args.tokenizer, args.device, args.dtype, args.quantize) for path in paths]
+        fmt = evaluation_prompt_format([model_prompt_format(ckpt) for _, ckpt, _ in loaded], args.instruct,
+                                       args.prompt_encoding)
+        reports = [evaluate_checkpoint(one, args, requests, extra, fmt) for one in loaded]
     except UsageError as exc:  # the loader's and the tokenizer's errors are usage errors too
         return report_error(exc)
     if args.report:

@@ -240,8 +240,8 @@ class Transformer(nn.Module):
                                                self.args.head_dim, param.dtype, param.device)
 
     def setup_classifier(self):
-        # a one-row float32 product against (dim, vocab) runs about 1.5-3x faster on a CPU
-        # than nn.Linear's (vocab, dim); in bfloat16 it is the other way round (measured)
+        # a one-row float32 product against (dim, vocab) runs about 1.1-1.4x faster on a CPU
+        # than nn.Linear's (vocab, dim); in bfloat16 it is the other way round (docs/benchmarks.md)
         linear = type(self.output) is nn.Linear
         weight = self.output.weight
         self.classifier = weight.t().contiguous() if linear and weight.dtype == torch.float32 else None

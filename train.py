@@ -30,7 +30,7 @@ from checkpoint import load_checkpoint, model_args_dict, save_checkpoint
 from cli import (DTYPE_NAMES, ToolError, UsageError, atomic_write, bf16_supported, default_device, lock_folder,
                  remove_stale_temp_files, report_error, torch_dtype)
 from data_paths import vocab_source
-from dataset import BatchSampler, data_prompt_encoding, default_tokenizer, fixed_batches, open_dataset
+from dataset import BatchSampler, data_prompt_format, default_tokenizer, fixed_batches, open_dataset
 from metrics import MetricsLog, peak_flops, plot_losses
 from model import ModelArgs, Transformer
 
@@ -54,8 +54,8 @@ DEFAULTS = dict(
     device=default_device(),
     dtype="bfloat16" if bf16_supported() else ("float16" if torch.cuda.is_available() else "float32"),
     # torch.compile: on wherever it can work (CUDA, or a C++ compiler for the CPU backend). Measured on
-    # the 2-core CPU, stories15M shape: a compiled bf16 step 1.6x faster than eager, after ~40-60 s of
-    # compiling (docs/benchmarks.md); short runs of tiny models should pass compile=False
+    # the 2-core CPU, stories15M shape: a compiled bf16 step 1.21x faster than bf16 eager (1.83x float32
+    # eager), after ~40-60 s of compiling (docs/benchmarks.md); short runs of tiny models should pass compile=False
     compile=torch.cuda.is_available() or shutil.which("g++") is not None or shutil.which("c++") is not None,
     seed=1337,
     peak_flops=0.0,  # for MFU; 0: the GPU's datasheet bf16 peak, or a matmul measured on the CPU
@@ -185,7 +185,7 @@ def open_training_data(cfg, args: ModelArgs):
     train_data = open_dataset(cfg, "train", args.max_seq_len)
     val_data = open_dataset(cfg, "val", args.max_seq_len)
     cfg["max_seq_len"], cfg["tokenizer"] = train_data.seq_len, cfg["tokenizer"] or default_tokenizer(cfg)
-    cfg["prompt_encoding"] = data_prompt_encoding(cfg)
+    cfg["prompt_format"] = data_prompt_format(cfg)
     return train_data, val_data
 
 
@@ -223,10 +223,12 @@ def all_reduce(tensor, procs, op=dist.ReduceOp.SUM):
 class StopRequest:
     """The first Ctrl-C (SIGINT) only asks the loop to stop after the iteration it is in, so the
     checkpoint it then writes never holds a step whose iteration was not counted; a second
-    Ctrl-C interrupts at once."""
+    Ctrl-C interrupts at once, except while a step is applied and counted (applying). Under
+    torchrun a second SIGINT is torchrun forwarding the same Ctrl-C to its workers: it changes
+    nothing, so every process still stops after the same step (torchrun kills what lingers)."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, ddp=False):
+        self.requested, self.ddp, self.applying = False, ddp, False
         self.previous = signal.getsignal(signal.SIGINT)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self.handle)
@@ -234,9 +236,9 @@ class StopRequest:
             self.previous = None
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested and not self.ddp and not self.applying:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = True  # while applying: the loop stops as soon as the step is counted
 
     def close(self):
         if self.previous is not None:
@@ -331,12 +333,13 @@ def train(config, recipe=None) -> dict:
               f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     metrics = MetricsLog(out_dir, resume_from=iter_num if resume else None, enabled=procs.master)
 
-    def save_last(loader_state):
-        """last.pt: everything a resume needs to repeat the run from iter_num on."""
+    def save_last(loader_state, evaluated):
+        """last.pt: everything a resume needs to repeat the run from iter_num on, and whether
+        iter_num's evaluation already ran (a Ctrl-C save can land on an eval boundary before it)."""
         save_checkpoint(last_path, {
             "kind": "project", **recipe.checkpoint_weights(model), "model_args": model_args_dict(model.args),
             "config": cfg, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
-            "best_val_loss": best_val_loss, "loader_state": loader_state})
+            "best_val_loss": best_val_loss, "loader_state": loader_state, "evaluated": evaluated})
         recipe.after_save(model, cfg, last_path, False)
 
     def last_good():
@@ -344,13 +347,15 @@ def train(config, recipe=None) -> dict:
 
     from tqdm import tqdm
     bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not procs.master, dynamic_ncols=True, leave=False)
-    stop = StopRequest()
+    stop = StopRequest(procs.ddp)
     last_loss, t_start = float("nan"), time.time()
+    # a last.pt from before the record does not say: evaluate again rather than maybe never
+    evaluated_iter = iter_num if resume and resume.extra.get("evaluated", False) else None
     try:
         while True:
             loader_state = sampler.get_state()  # where this iteration's rows come from
             due = iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]
-            if due and not (resume and iter_num == start_iter):
+            if due and evaluated_iter != iter_num:
                 t0 = time.time()
                 losses = estimate_losses(model, eval_sets, cfg, procs, autocast)
                 if not all(map(math.isfinite, losses.values())):
@@ -364,10 +369,11 @@ def train(config, recipe=None) -> dict:
                     bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     is_best = losses["val"] < best_val_loss
                     best_val_loss = min(best_val_loss, losses["val"])
-                    save_last(loader_state)
+                    save_last(loader_state, evaluated=True)
                     if is_best:
                         save_best(out_dir, last_path)
                         recipe.after_save(model, cfg, os.path.join(out_dir, "best.pt"), True)
+                evaluated_iter = iter_num
             if iter_num >= cfg["max_iters"]:
                 break
             t0, lr = time.time(), get_lr(iter_num, cfg)
@@ -377,10 +383,12 @@ def train(config, recipe=None) -> dict:
             if not math.isfinite(last_loss):
                 raise TrainingError(f"loss is {last_loss} at iter {iter_num}: stopped before applying that "
                                     f"step; the last good checkpoint is {last_good()}")
+            stop.applying = True  # no interrupt between the weights moving and the iteration counted
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
+            stop.applying = False
             bar.update(1)
             if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
                 dt = time.time() - t0
@@ -396,7 +404,7 @@ def train(config, recipe=None) -> dict:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if procs.master:  # the state at the start of iteration iter_num: resume repeats it exactly
-            save_last(loader_state)
+            save_last(loader_state, evaluated=evaluated_iter == iter_num)
             bar.write(f"interrupted at iter {iter_num}: saved {last_path} (continue with --init_from=resume)")
         raise
     finally:

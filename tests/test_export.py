@@ -537,4 +537,4 @@ def test_checkpoint_missing_a_weight_is_refused_before_writing(gqa_checkpoint, t
 def test_output_folder_is_created(gqa_checkpoint, tmp_path):
     out = tmp_path / "new" / "sub" / "model.bin"
     assert run_export(f"--checkpoint={gqa_checkpoint}", "--format=llama2c-q8", f"--out={out}") == 0
-    assert sorted(os.listdir(out.parent)) == ["model.bin", "tiny.bin"]
+    assert sorted(os.listdir(out.parent)) == ["model.bin", "model.bin.json", "tiny.bin"]

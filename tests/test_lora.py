@@ -1,6 +1,7 @@
 """lora.py and finetune_lora.py: adapters, merging, adapter files, fine-tuning a real model."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -179,7 +180,8 @@ def test_finetune_saves_a_small_adapter_and_a_merged_checkpoint(lora_run):
     assert adapter.kind == "lora_adapter"
     assert adapter.extra["lora_rank"] == 3 and adapter.extra["lora_alpha"] == 3.0
     assert adapter.extra["lora_targets"] == ["wq", "wv", "w3"]
-    assert os.path.samefile(adapter.extra["base_checkpoint"], lora_run["base"])
+    assert os.path.samefile(adapter.extra["base_checkpoint_absolute"], lora_run["base"])
+    assert adapter.extra["base_checkpoint"] == os.path.join("..", "base.pt")  # relative: the tree can move
     assert os.path.getsize(out / "adapter.pt") < os.path.getsize(lora_run["base"]) / 2
 
     merged, ckpt = load_model(str(out / "ckpt.pt"))
@@ -348,4 +350,67 @@ def test_original_projects_lora_checkpoint_is_a_base(shared_data, tmp_path):
             losses.append(base_model(*val.get(rows, "cpu"))[1].item())
     assert first_eval["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     adapter = load_checkpoint(str(out / "adapter.pt"))
-    assert os.path.samefile(adapter.extra["base_checkpoint"], base)
+    assert os.path.samefile(adapter.extra["base_checkpoint_absolute"], base)
+
+
+# ---- adapters that move, folder bases, targets as lists -----------------------------------------
+
+def test_a_moved_folder_of_base_and_adapter_still_loads(tmp_path):
+    """The demo keeps base and adapter in one out/ tree; copied elsewhere (the original gone),
+    adapter.pt still finds its base, and resume still runs."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    data_dir = write_instruct_shards(str(tmp_path / "data"))
+    base = save_base(tree / "base.pt", tiny_model())
+    c = lora_config(data_dir, tree / "out", base, max_iters=2, eval_interval=2)
+    assert finetune_lora.main([f"--{k}={v}" for k, v in c.items()]) == 0
+    moved = tmp_path / "moved"
+    shutil.move(str(tree), str(moved))
+    adapter = load_checkpoint(str(moved / "out" / "adapter.pt"))
+    merged = load_checkpoint(str(moved / "out" / "ckpt.pt"))
+    assert not os.path.exists(base)  # only the recorded relative path can have found it
+    for key, value in merged.state_dict.items():
+        torch.testing.assert_close(adapter.state_dict[key], value)
+    again = dict(c, out_dir=str(moved / "out"), init_from="resume", max_iters=4)
+    assert finetune_lora.main([f"--{k}={v}" for k, v in again.items()]) == 0
+
+
+def tok64(folder):
+    """A sentencepiece model of VOCAB pieces (the tiny models' vocabulary), for the HF export."""
+    import sentencepiece as spm
+    prefix = str(folder / "tok64")
+    lines = ["the cat sat on a mat", "a dog ran to the park", "lily and tom play ball"] * 50
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=VOCAB,
+                                   model_type="bpe", character_coverage=1.0, minloglevel=2, num_threads=1)
+    return prefix + ".model"
+
+
+def test_a_hugging_face_folder_base_gets_a_content_hash(tmp_path):
+    """--init_from=hf_folder/: adapter.pt and resume work, and a changed file in the folder is refused."""
+    import export
+    data_dir = write_instruct_shards(str(tmp_path / "data"))
+    base = save_base(tmp_path / "base.pt", tiny_model())
+    folder = tmp_path / "hf"
+    tokenizer = tok64(tmp_path)
+    assert export.main([f"--checkpoint={base}", "--format=hf", f"--out={folder}", f"--tokenizer={tokenizer}"]) == 0
+    c = lora_config(data_dir, tmp_path / "out", str(folder), max_iters=2, eval_interval=2)
+    assert finetune_lora.main([f"--{k}={v}" for k, v in c.items()]) == 0
+    adapter = load_checkpoint(str(tmp_path / "out" / "adapter.pt"))
+    assert adapter.extra["base_sha256"]
+    for key, value in load_checkpoint(str(tmp_path / "out" / "ckpt.pt")).state_dict.items():
+        torch.testing.assert_close(adapter.state_dict[key], value)
+    again = dict(c, init_from="resume", max_iters=4)
+    assert finetune_lora.main([f"--{k}={v}" for k, v in again.items()]) == 0
+    with open(folder / "generation_config.json", "a") as f:
+        f.write("\n")
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(str(tmp_path / "out" / "adapter.pt"))
+
+
+def test_resume_compares_targets_as_lists(tmp_path):
+    data_dir = write_instruct_shards(str(tmp_path / "data"))
+    base = save_base(tmp_path / "base.pt", tiny_model())
+    c = lora_config(data_dir, tmp_path / "out", base, max_iters=2, eval_interval=2, lora_targets="wq,wk")
+    train.train(c, finetune_lora.LoRATraining())
+    train.train(dict(c, init_from="resume", max_iters=4, lora_targets="wq, wk"), finetune_lora.LoRATraining())
+    assert load_checkpoint(str(tmp_path / "out" / "last.pt")).extra["iter_num"] == 4
