@@ -14,7 +14,7 @@ import sys
 
 import train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cli import UsageError, file_sha256
+from cli import UsageError, file_sha256, run_main
 from lora import apply_lora, lora_state_dict, merged_state_dict, parse_targets
 from model import Transformer
 
@@ -97,4 +97,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
