@@ -483,8 +483,12 @@ def main(argv=None, defaults=DEFAULTS, recipe=None):
         doc = sys.modules[type(recipe).__module__].__doc__ if recipe else __doc__
         print(configurator.settings_help(doc, defaults, CHOICES))
         return 0
+    new_out_dir = None  # an out_dir this run creates: removed again if the run fails before writing to it
     try:
-        train(parse_settings(argv, defaults), recipe)
+        cfg = parse_settings(argv, defaults)
+        new_out_dir = None if os.path.lexists(cfg["out_dir"]) or int(os.environ.get("RANK", 0)) else cfg["out_dir"]
+        train(cfg, recipe)
+        new_out_dir = None
         return 0
     except ToolError as exc:  # bad settings, data or checkpoints: 2; a run that had to stop: 1
         return report_error(exc)
@@ -495,6 +499,10 @@ def main(argv=None, defaults=DEFAULTS, recipe=None):
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if new_out_dir and os.path.isdir(new_out_dir) and os.listdir(new_out_dir) == [".lock"]:
+            os.remove(os.path.join(new_out_dir, ".lock"))
+            os.rmdir(new_out_dir)
 
 
 if __name__ == "__main__":

@@ -308,6 +308,7 @@ def test_window_shorter_than_every_prompt_is_a_setting_error(tmp_path):
     result = run("train.py", *TINY_TRAIN, "--dataset=instruct", "--max_seq_len=2", f"--data_dir={data}",
                  f"--out_dir={tmp_path / 'out'}")
     refused(result, "max_seq_len=2", "shorter than every prompt")
+    assert not (tmp_path / "out").exists()  # a run refused before it wrote anything leaves no out_dir behind
 
 
 # ---- 10: export --force into a folder ------------------------------------------------------------
