@@ -251,6 +251,10 @@ def check_out_dir(cfg):
     own files (TRAINING_OUTPUTS). A file, or a place that cannot be written, is refused."""
     out_dir, resuming = cfg["out_dir"], cfg["init_from"] == "resume"
     held = [name for name in RUN_CHECKPOINTS if os.path.isfile(os.path.join(out_dir, name))]
+    source = cfg["init_from"] if os.path.isfile(cfg["init_from"]) else None
+    if cfg["force"] and source and any(os.path.samefile(source, os.path.join(out_dir, name)) for name in held):
+        raise UsageError(f"init_from={source}: is one of the files --force would replace in out_dir={out_dir}; "
+                         f"copy it elsewhere first, or train into another out_dir")
     check_output(out_dir, f"out_dir={out_dir}", cfg["force"], ours=lambda path: resuming or not held, folder=True,
                  hint=f"it holds a training run ({', '.join(held)}): continue it with --init_from=resume, train "
                       f"into another out_dir, or pass --force to start over (replaces only the run's own files)")

@@ -148,6 +148,11 @@ def test_rerun_keeps_a_finished_run_resume_names_ignored_shape_force_keeps_user_
     assert (out / "notes.txt").read_text() == "my notes" and (out / "plots" / "mine.png").read_bytes() == b"png"
     assert sha(out / "last.pt") != before["last.pt"]
     assert len(open(out / "metrics.jsonl").readlines()) == 4  # the new run's rows only: 2 steps, 2 evaluations
+    # --force never replaces the checkpoint the new run starts from
+    digest = sha(out / "ckpt.pt")
+    refused_in_process(train.main, [*TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--force",
+                                    f"--init_from={out / 'ckpt.pt'}"], capsys, "init_from=", "copy it elsewhere")
+    assert sha(out / "ckpt.pt") == digest
 
 
 def test_out_dir_that_is_a_file_or_read_only_is_bad_input(tmp_path, capsys):
