@@ -391,7 +391,8 @@ def main(argv=None):
             raise UsageError("nothing to do: give --data (loss) and/or --num_prompts / --prompts_file (instructions)")
         check_device(args.device)
         if args.report:
-            check_output(args.report, f"--report={args.report}", args.force, ours=lambda p: is_json_with(p, REPORT_KEYS),
+            check_output(args.report, f"--report={args.report}", args.force,
+                         ours=lambda path: is_json_with(path, REPORT_KEYS),
                          inputs=[*paths, args.data, args.prompts_file, args.prompts_shard, args.tokenizer])
         extra = {}
         if args.prompts_file:

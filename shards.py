@@ -25,7 +25,7 @@ def list_shards(data_dir):
     shards = sorted(glob.glob(os.path.join(shards_dir(data_dir), "data*.json")))
     if not shards:
         raise UsageError(f"no dataNN.json shards in {shards_dir(data_dir)}: run "
-                        f"`python tinystories.py download --data_dir={data_dir}` (or make_demo) first")
+                         f"`python tinystories.py download --data_dir={data_dir}` (or make_demo) first")
     return shards
 
 
@@ -140,7 +140,7 @@ def resolve_tokenizer(data_dir, vocab_size, tokenizer_path=None):
         if tokenizer_path:
             raise UsageError(f"tokenizer {path}: no such file (expected a sentencepiece .model)")
         raise UsageError(f"tokenizer {path} not found: run `python tinystories.py train_vocab "
-                        f"--vocab_size={vocab_size} --data_dir={data_dir}` first")
+                         f"--vocab_size={vocab_size} --data_dir={data_dir}` first")
     try:
         tok = Tokenizer(path)
     except TokenizerError as exc:
