@@ -501,7 +501,8 @@ def main(argv=None, defaults=DEFAULTS, recipe=None):
     except ValueError as exc:  # a model shape that does not divide (ModelArgs), bad LoRA settings
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the loop has said what it saved; before the loop nothing was written
+        print("interrupted", file=sys.stderr)
         return 130
     finally:
         if new_out_dir and os.path.isdir(new_out_dir) and os.listdir(new_out_dir) == [".lock"]:

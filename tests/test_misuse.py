@@ -203,6 +203,15 @@ def test_ctrl_c_in_generate_is_one_line_and_130(model):
     assert message_lines(err) == ["interrupted"] and out.startswith("Once upon a time")
 
 
+def test_ctrl_c_in_train_is_one_line_and_130_and_keeps_last_pt(tmp_path):
+    data, out = write_pretrain_shards(str(tmp_path / "data")), tmp_path / "out"
+    code, stdout, err = interrupt(["train.py", *TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}",
+                                   "--max_iters=100000", "--eval_interval=1000"], "stdout", r"iter 0: train loss")
+    assert code == 130 and "Traceback" not in err, err
+    assert message_lines(err) == ["interrupted"], err
+    assert "saved" in stdout and (out / "last.pt").is_file()
+
+
 def test_generate_names_a_capped_max_new_tokens(model, shared_data):
     from tokenizer import Tokenizer
     words = "the cat sat on the mat and"
