@@ -30,7 +30,7 @@ TINY_TRAIN = ["--vocab_source=custom", f"--vocab_size={VOCAB}", "--dim=32", "--n
               "--device=cpu", "--dtype=float32", "--compile=False", "--peak_flops=1e12"]
 
 
-def run(script, *args, timeout=120):
+def run(script, *args, timeout=600):
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=ENV)
 
@@ -89,7 +89,7 @@ class Lines:
         for chunk in iter(lambda: self.stream.read(1), ""):
             self.text += chunk
 
-    def wait_for(self, pattern, timeout=60):
+    def wait_for(self, pattern, timeout=300):
         deadline = time.time() + timeout
         while time.time() < deadline:
             if re.search(pattern, self.text):
@@ -107,7 +107,7 @@ def interrupt(argv, ready_on, ready_pattern):
     try:
         streams[ready_on].wait_for(ready_pattern)
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -190,7 +190,7 @@ def test_generate_into_a_closed_pipe_ends_quietly(model):
     first = proc.stdout.read(20)  # what `| head -c 20` does: read 20 bytes, then go away
     proc.stdout.close()
     err = proc.stderr.read().decode()
-    proc.wait(timeout=60)
+    proc.wait(timeout=300)
     assert first.startswith(b"Once upon a time")
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
     assert proc.returncode == 141
