@@ -181,6 +181,14 @@ def open_dataset(cfg, split, model_max_len):
     if not os.path.isfile(os.path.join(folder, "meta.json")):
         raise UsageError(f"{folder}: no meta.json, so prepare_instruct_data.py did not finish there; run it again")
     rows = InstructRows(folder, files, min(cfg["max_seq_len"], model_max_len), cfg["vocab_size"])
+    if len(rows) == 0:
+        raise UsageError(f"{folder}: the {split} shards hold no examples; run prepare_instruct_data.py again "
+                         f"with a larger --max_seq_len")
+    shortest_prompt = min(int(lengths[:, 0].min()) for lengths in rows.lengths if len(lengths))
+    if shortest_prompt > rows.seq_len:  # every target would be masked: a nan loss, not a lesson
+        raise UsageError(f"max_seq_len={cfg['max_seq_len']}: a window of {rows.seq_len} tokens (model {model_max_len}) "
+                         f"is shorter than every prompt in {folder} (the shortest takes {shortest_prompt}); "
+                         f"raise max_seq_len")
     if rows.seq_len < rows.tokens[0].shape[1] - 1 and split == "train":
         print(f"note: instruct rows hold {rows.tokens[0].shape[1] - 1} positions; cropped to {rows.seq_len} "
               f"(max_seq_len {cfg['max_seq_len']}, model {model_max_len}): long stories lose their end")

@@ -64,7 +64,8 @@ Formats
   vocab_source and the tokenizer path when one is found, iter_num 0), e.g. to fine-tune a small
   Llama from the Hugging Face Hub with finetune_lora.py.
 
-An existing output is never replaced without --force; every file is written under a temporary
+An existing output is never replaced without --force (into an existing folder, --format=hf
+writes only its own files, whatever else is there stays); every file is written under a temporary
 name and renamed (a folder likewise), so a reader never sees half an export.
 """
 import argparse
@@ -80,7 +81,8 @@ from checkpoint import (GGUF_PROMPT_FORMAT_KEY, LLAMA2C_MAGIC, find_tokenizer, g
                         hf_permute_qk, llama2c_norm_order, llama2c_sidecar_path, llama2c_v0_order,
                         llama2c_weight_order, load_checkpoint, load_tokenizer_for, model_args_dict,
                         save_checkpoint)
-from cli import OneLineParser, UsageError, atomic_write, atomic_write_folder, report_error, write_json
+import cli
+from cli import OneLineParser, UsageError, atomic_write, atomic_write_folder, report_error, run_main, write_json
 from data_paths import vocab_source
 from prompts import PROMPT_FORMAT_KEY
 
@@ -379,25 +381,26 @@ def build_parser():
     p.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
     p.add_argument("--out", required=True, help="output file (a folder for --format=hf)")
     p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output (into a folder: only the files the export writes)")
     return p
 
 
-def check_output(out, fmt, force):
-    if os.path.lexists(out):
-        if not force:
-            raise UsageError(f"{out}: already exists; pass --force to overwrite it")
-        if fmt != "hf" and os.path.isdir(out):
-            raise UsageError(f"{out}: is a folder; --format={fmt} writes a single file")
-    if fmt in LLAMA2C_FORMATS and os.path.lexists(llama2c_sidecar_path(out)) and not force:
-        raise UsageError(f"{llama2c_sidecar_path(out)}: already exists; pass --force to overwrite it")
+def check_output(out, fmt, force, inputs=()):
+    """cli.check_output's rule: an existing --out only with --force, never an input; into an
+    existing folder --format=hf writes its own files and leaves the others there. The llama2.c
+    formats also write the prompt-format record beside the .bin."""
+    cli.check_output(out, f"--out={out}", force, inputs=inputs, folder=fmt == "hf")
+    if fmt in LLAMA2C_FORMATS:
+        sidecar = llama2c_sidecar_path(out)
+        cli.check_output(sidecar, sidecar, force, inputs=inputs)
 
 
 def export(checkpoint, fmt, out, tokenizer_path=None, force=False) -> str:
     """Run one export; returns a one-line summary. Raises UsageError or CheckpointError."""
     if fmt not in FORMATS:
         raise UsageError(f"--format={fmt}: expected one of {', '.join(FORMATS)}")
-    check_output(out, fmt, force)
+    check_output(out, fmt, force, inputs=[checkpoint, tokenizer_path])
     ckpt = load_checkpoint(checkpoint)
     args, state, prompt_format = ckpt.model_args, ckpt.state_dict, ckpt.prompt_format
     if fmt == "pt":
@@ -434,4 +437,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -19,7 +19,7 @@ import sys
 import train
 from checkpoint import (CheckpointError, base_reference, checkpoint_sha256, find_base_checkpoint, load_checkpoint,
                         save_checkpoint)
-from cli import UsageError
+from cli import UsageError, run_main
 from lora import apply_lora, lora_state_dict, merged_state_dict, parse_targets
 from model import Transformer
 
@@ -110,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -14,7 +14,8 @@ import time
 import torch
 
 from checkpoint import load_model, load_tokenizer_for
-from cli import DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, torch_dtype
+from cli import (DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, run_main,
+                 torch_dtype)
 from prompts import PROMPT_ENCODINGS, build_prompt, override_prompt_format, prompt_ids
 from quantize import quantize_int8
 
@@ -171,6 +172,10 @@ def main(argv=None):
         instruct = prompt_format["is_instruct"]
         ids = prompt_ids(tokenizer, text, instruct, prompt_format["prompt_encoding"])
         check_prompt_length(model, [ids])  # before the prompt is echoed: a refused one prints nothing
+        room = model.args.max_seq_len - len(ids) + 1  # what model.generate leaves after the prompt
+        if room < args.max_new_tokens:
+            print(f"note: --max_new_tokens={args.max_new_tokens} is capped at {room}: the prompt takes {len(ids)} "
+                  f"of the model's {model.args.max_seq_len}-token context", file=sys.stderr)
         # a plain model's output continues the prompt, so show it; an instruct prompt is not story
         shown = [] if instruct else ids
         stream = TextStream(tokenizer, shown) if args.num_samples == 1 else None
@@ -197,4 +202,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

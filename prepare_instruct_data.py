@@ -33,7 +33,8 @@ from collections import Counter
 
 import numpy as np
 
-from cli import DataError, OneLineParser, atomic_write, positive_int, report_error, vocab_size_arg, write_json
+from cli import (DataError, OneLineParser, ToolError, UsageError, atomic_write, positive_int, report_error, run_main,
+                 vocab_size_arg, write_json)
 from data_paths import instruct_dir
 from prompts import (PROMPT_ENCODINGS, PROMPT_FORMAT_KEY, PROMPT_STYLES, SKIP_REASONS, prompt_format, prompt_ids,
                      record_prompt_and_story)
@@ -119,6 +120,15 @@ def prepare_instruct_data(data_dir, vocab_size, prompt_style="template", max_seq
     totals = Counter()
     for r in results:
         totals.update(r["counts"])
+    val_examples = results[0]["counts"].get("examples", 0)
+    if not val_examples or (len(results) > 1 and totals["examples"] == val_examples):
+        # no meta.json then: training refuses the folder in one line, not deep in a step
+        split = "validation (data00)" if not val_examples else "training (data01...)"
+        raise UsageError(f"prepare_instruct_data: {totals['records']} records -> {totals['examples']} examples, none "
+                         f"for {split} "
+                         f"({totals['dropped_too_long']} longer than --max_seq_len={max_seq_len} tokens, "
+                         f"{sum(v for k, v in totals.items() if k.startswith('skipped_'))} without a usable "
+                         f"instruction); raise --max_seq_len or check the shards")
     tok = Tokenizer(tokenizer_path)
     meta = {
         "vocab_size": tok.vocab_size, "max_seq_len": max_seq_len, "prompt_style": prompt_style,
@@ -162,7 +172,7 @@ def main(argv=None):
                                               args.prompt_encoding)
     except ShardError as exc:
         return report_error(DataError(f"prepare_instruct_data failed on shard {exc}"))
-    except (DataError, OSError) as exc:
+    except (ToolError, OSError) as exc:
         return report_error(exc)
     skipped = ", ".join(f"{reason} {n}" for reason, n in meta["skipped"].items())
     print(f"prepare_instruct_data: {meta['records']} records -> {meta['examples']} examples "
@@ -173,4 +183,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -26,7 +26,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from cli import DataError, OneLineParser, atomic_write, file_sha256, positive_int, report_error, vocab_size_arg
+from cli import (DataError, OneLineParser, ToolError, UsageError, atomic_write, file_sha256, positive_int, report_error,
+                 run_main, vocab_size_arg)
 from data_paths import ARCHIVE_NAME, pretokenized_dir, shards_dir, tokenizer_model_path
 from demo_corpus import make_demo
 from prompts import record_prompt_and_story
@@ -343,7 +344,7 @@ def train_vocab(data_dir, vocab_size, num_shards, include_prompts=False):
         try:
             spm.SentencePieceTrainer.train(
                 input=text_path, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
-                self_test_sample_size=0, input_format="text", character_coverage=1.0,
+                input_format="text", character_coverage=1.0,
                 num_threads=os.cpu_count(), split_digits=True, allow_whitespace_only_pieces=True,
                 byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
                 minloglevel=2)
@@ -366,6 +367,10 @@ def cmd_train_vocab(args):
 # -----------------------------------------------------------------------------
 # pretokenize: one uint16 .bin per shard, shards in parallel
 
+class _NoStories(Exception):
+    pass
+
+
 def pretokenize_shard(shard_path, tokenizer_path, out_path, flush_tokens=1 << 16):
     """Tokenize one JSON shard into out_path, streaming records in and tokens out."""
     counts = {"stories": 0, "tokens": 0, "skipped": 0}
@@ -387,10 +392,15 @@ def pretokenize_shard(shard_path, tokenizer_path, out_path, flush_tokens=1 << 16
                     pending = []
             np.asarray(pending, dtype=np.uint16).tofile(f)
             counts["tokens"] += len(pending)
+            if not counts["stories"]:  # no 0-byte .bin: the caller refuses the shard instead
+                raise _NoStories
 
     shard = os.path.basename(shard_path)
     try:
         atomic_write(out_path, write)
+    except _NoStories:
+        if os.path.exists(out_path):  # an earlier run's tokens of this shard are not its tokens now
+            os.remove(out_path)
     except Exception as exc:
         raise ShardError(f"{shard}: {exc}") from None
     return {"shard": shard, **counts, "peak_rss_mb": worker_peak_rss_mb(), "cpu_s": time.process_time(),
@@ -404,8 +414,12 @@ def pretokenize(data_dir, vocab_size, workers, tokenizer_path=None):
     os.makedirs(out_dir, exist_ok=True)
     jobs = [(shard, tokenizer_path, os.path.join(out_dir, os.path.basename(shard).replace(".json", ".bin")))
             for shard in shards]
-    results = run_shard_jobs(pretokenize_shard, jobs, workers, desc="pretokenize")
-    return out_dir, sorted(results, key=lambda r: r["shard"])
+    results = sorted(run_shard_jobs(pretokenize_shard, jobs, workers, desc="pretokenize"), key=lambda r: r["shard"])
+    empty = [r["shard"] for r in results if not r["stories"]]
+    if empty:
+        raise UsageError(f"pretokenize: {', '.join(empty)} in {shards_dir(data_dir)} hold no record with a story "
+                         f"(expected a JSON list of {{\"story\": ...}}); no .bin written for them")
+    return out_dir, results
 
 
 def cmd_pretokenize(args):
@@ -488,13 +502,10 @@ def main(argv=None):
         parser.error("--vocab_size=0 needs --tokenizer=PATH (the Llama 2 tokenizer.model)")
     try:
         args.func(args)
-    except (DataError, OSError) as exc:  # OSError: disk full, permissions; the message names the file
+    except (ToolError, OSError) as exc:  # OSError: disk full, permissions; the message names the file
         return report_error(exc)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

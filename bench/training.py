@@ -212,7 +212,7 @@ def memory_runs(shard_tokens):
             label = "pages released after each batch (train.py)" if not no_release else "same, page release disabled"
             peaks = []
             for iters in (100, 1000):
-                code = MEM_RUN.format(root=ROOT, data=tmp, out=os.path.join(tmp, f"out{iters}"), iters=iters, no_release=no_release)
+                code = MEM_RUN.format(root=ROOT, data=tmp, out=os.path.join(tmp, f"out{iters}_{no_release}"), iters=iters, no_release=no_release)
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                       env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -278,7 +278,7 @@ def test_cli_misuse_is_one_line_and_exit_2(argv, fragment, capsys):
 
 
 def test_missing_tokenizer_points_to_train_vocab(demo_data, capsys):
-    assert pid.main(["--vocab_size=1024", f"--data_dir={demo_data}"]) == 1
+    assert pid.main(["--vocab_size=1024", f"--data_dir={demo_data}"]) == 2  # bad input, not a failed step
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train_vocab --vocab_size=1024" in err
 

@@ -237,7 +237,8 @@ def test_the_bases_vocabulary_decides_the_data_folder(tmp_path, capsys):
     capsys.readouterr()
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert finetune_lora.main(argv[:1] + [f"--data_dir={empty}"] + argv[2:]) == 2
+    assert finetune_lora.main(argv[:1] + [f"--data_dir={empty}"] + argv[2:3] + [f"--out_dir={tmp_path / 'out2'}"]
+                              + argv[4:]) == 2
     err = capsys.readouterr().err
     assert f"instruct{VOCAB}" in err and f"prepare_instruct_data.py --vocab_size={VOCAB}" in err, err
 
