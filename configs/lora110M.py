@@ -7,13 +7,13 @@
 # adapter can teach the model to stop. 12 x 4 x 8 x (768 + 768) + 8 x (32000 + 768) = 852k
 # parameters, 0.8% of the model. Reasoned from the 0.94M demo model, not yet measured at 110M.
 # The original project's run is one flag set away:
-#   --lora_rank=2 --lora_alpha=1.0 --lora_targets=wq,wk,wv,wo   (docs/formats.md, "The original
+#   --lora_rank=2 --lora_alpha=1.0 --lora_rslora=False --lora_targets=wq,wk,wv,wo   (docs/formats.md, "The original
 #   instruct storyteller": lr 5e-4, 5,000 iterations, as here; add --prompt_encoding=plain when
 #   preparing its data to tokenize its prompts as it did)
 # Expected hardware/time: one A100/H100, well under an hour; a CPU takes days.
 dataset, out_dir = "instruct", "out/lora110M"
 vocab_source, vocab_size = "llama2", 32000
-lora_rank, lora_alpha, lora_dropout = 8, 16.0, 0.0
+lora_rank, lora_alpha, lora_rslora, lora_dropout = 8, 4.0, True, 0.0  # finetune_lora's defaults: scaling 4 / sqrt(8)
 lora_targets = "wq,wk,wv,wo,tok_embeddings"
 learning_rate, max_iters, warmup_iters = 5e-4, 5000, 100
 batch_size, gradient_accumulation_steps = 32, 4
