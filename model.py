@@ -69,7 +69,10 @@ def apply_rope(x, cos, sin):
     x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim / 2)."""
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.dim() == 3:  # (batch, seq, head_dim / 2): each row at its own positions
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    else:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -86,6 +89,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
+        if input_pos.dim() == 2:  # (batch, seq): row b's tokens go to its own positions
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, input_pos] = k.transpose(1, 2)
+            self.v[rows, :, input_pos] = v.transpose(1, 2)
+            return self.k, self.v
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
@@ -185,7 +193,8 @@ class Transformer(nn.Module):
     def forward(self, tokens, targets=None, input_pos=None, all_logits=False):
         """With targets: logits for every position and the mean cross entropy (ignoring -1).
         Without: logits of the last position only (all of them if all_logits), loss None.
-        input_pos (set by prefill/decode_step): the tokens' positions, where they go in the cache."""
+        input_pos (set by prefill/decode_step): the tokens' positions, where they go in the cache;
+        (seq,) for every row alike, or (batch, seq) for rows at different positions."""
         h = self.hidden_states(tokens, input_pos)
         if targets is not None:
             logits = self.output(h)
@@ -206,7 +215,9 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.freqs_cos[input_pos], self.freqs_sin[input_pos]
             cache_len = self.layers[0].attention.kv_cache.k.shape[2]
-            mask = torch.arange(cache_len, device=tokens.device) <= input_pos[:, None]
+            mask = torch.arange(cache_len, device=tokens.device) <= input_pos[..., None]
+            if input_pos.dim() == 2:
+                mask = mask[:, None]  # (batch, 1, seq, cache_len): one mask per row, every head
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos, mask)
@@ -256,7 +267,8 @@ class Transformer(nn.Module):
         return self.next_token_logits(self.hidden_states(tokens, input_pos))
 
     def decode_step(self, token, input_pos):
-        """One new token per sample at position input_pos (a 1-element tensor); its logits."""
+        """One new token per sample at position input_pos (a 1-element tensor, or (batch, 1):
+        each sample at its own position); its logits."""
         return self.next_token_logits(self.hidden_states(token, input_pos))
 
     def compiled_decode_step(self):
