@@ -45,6 +45,7 @@ class Sequence:
     seed: Optional[int] = None
     generated: List[int] = field(default_factory=list)
     cancelled: bool = False
+    finished: bool = False  # ended by a stop token or max_new_tokens, not by cancel()
     submitted_at: float = 0.0
     started_at: Optional[float] = None  # when it got a row
     # the engine's bookkeeping: the next position to feed and the token that goes there
@@ -81,6 +82,7 @@ class BatchEngine:
         self.accepting, self.stopping = True, False
         self.steps = 0  # decode steps run; with tokens_out, the mean batch a step carried
         self.tokens_out = 0
+        self.rows_cancelled = 0  # rows freed before their story ended: clients gone, stop strings
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
 
     # ---- the caller's side (any thread) ------------------------------------------------------
@@ -209,6 +211,7 @@ class BatchEngine:
         if seq.cancelled:
             return
         if token in self.stop_ids:
+            seq.finished = True
             seq.on_event("done", "stop")
             seq.cancel()
             return
@@ -217,6 +220,7 @@ class BatchEngine:
         self.tokens_out += 1
         seq.on_event("token", token)
         if len(seq.generated) >= seq.max_new_tokens:
+            seq.finished = True
             seq.on_event("done", "length")
             seq.cancel()
 
@@ -229,6 +233,7 @@ class BatchEngine:
                 if not self.rows[row].cancelled:
                     row += 1
                     continue
+                self.rows_cancelled += not self.rows[row].finished
                 last = len(self.rows) - 1
                 if row != last:
                     for k, v in zip(self.cache_k, self.cache_v):
