@@ -357,7 +357,8 @@ def create_app(teller, shutdown_timeout=30.0):
         return {"status": "ok", "model": teller.name, "instruct": teller.instruct,
                 "features": list(FEATURE_PHRASES), "context": teller.context,
                 "running": running, "waiting": waiting, "max_batch": teller.engine.max_batch,
-                "tokens_generated": teller.engine.tokens_out, "rows_cancelled": teller.engine.rows_cancelled}
+                "tokens_generated": teller.engine.tokens_out, "decode_steps": teller.engine.steps,
+                "rows_cancelled": teller.engine.rows_cancelled}
 
     @app.get("/v1/models")
     async def models():
