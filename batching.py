@@ -13,6 +13,7 @@ The engine knows nothing of HTTP: a request is a Sequence, and the engine report
 its end through the Sequence's on_event callback, called from the engine's thread.
 """
 import collections
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,7 +76,10 @@ class BatchEngine:
             layer.attention.kv_cache = KVCache(1, 1, 1, 1, param.dtype, param.device)
         model.setup_classifier()
         # the number of running rows changes from step to step: dynamic shapes, one compile
-        self.step_fn = torch.compile(model.decode_step, dynamic=True) if compile else model.decode_step
+        self.step_fn, self.compiled = model.decode_step, compile
+        if compile:
+            self.step_fn = torch.compile(model.decode_step, dynamic=True)
+            self._warm_up()
         self.rows: List[Sequence] = []
         self.waiting = collections.deque()
         self.cond = threading.Condition()
@@ -84,6 +88,25 @@ class BatchEngine:
         self.tokens_out = 0
         self.rows_cancelled = 0  # rows freed before their story ended: clients gone, stop strings
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
+
+    def _compile_settings(self):
+        """torch.compile takes a module buffer's shape as fixed, and the cache's views are
+        module buffers whose row count changes: without this, every batch size compiles anew."""
+        if not self.compiled:
+            return contextlib.nullcontext()
+        return torch._dynamo.config.patch(force_nn_module_property_static_shapes=False,
+                                          force_parameter_static_shapes=False)
+
+    def _warm_up(self):
+        """Compile before the first request: torch.compile specialises a batch of 1 and
+        compiles one graph for every larger batch, so both are traced here. The position-0
+        keys and values they write are overwritten by each row's prefill."""
+        with torch.inference_mode():
+            for rows in sorted({1, min(2, self.max_batch)}):
+                self._point_cache_at(slice(0, rows))
+                token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
+                with self._compile_settings():
+                    self.step_fn(token, position)
 
     # ---- the caller's side (any thread) ------------------------------------------------------
 
@@ -153,8 +176,7 @@ class BatchEngine:
 
     def _point_cache_at(self, rows: slice):
         for layer, k, v in zip(self.model.layers, self.cache_k, self.cache_v):
-            layer.attention.kv_cache.k = k[rows]
-            layer.attention.kv_cache.v = v[rows]
+            layer.attention.kv_cache.k, layer.attention.kv_cache.v = k[rows], v[rows]
 
     def _prefill(self, seq: Sequence):
         """The prompt through the model in the next free row (the row's own cache, positions
@@ -180,7 +202,8 @@ class BatchEngine:
         self._point_cache_at(slice(0, len(rows)))
         tokens = torch.tensor([[s.last] for s in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.pos] for s in rows], dtype=torch.long, device=self.device)
-        logits = self.step_fn(tokens, positions)
+        with self._compile_settings():
+            logits = self.step_fn(tokens, positions)
         for seq in rows:
             seq.pos += 1
         for indices, token_ids in self._sample_rows(logits):
