@@ -38,7 +38,7 @@ def free_port():
 class Server:
     """serve.py in a subprocess, ready once /health answers."""
 
-    def __init__(self, model_path, *flags):
+    def __init__(self, model_path, *flags, start_timeout=90):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -46,7 +46,7 @@ class Server:
             [sys.executable, os.path.join(ROOT, "serve.py"), f"--model_path={model_path}",
              f"--port={self.port}", "--device=cpu", *flags],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.process.communicate()[1]
             try:
@@ -55,7 +55,7 @@ class Server:
             except OSError:
                 time.sleep(0.2)
         self.stop()
-        raise AssertionError("serve.py did not answer /health within 90 s")
+        raise AssertionError(f"serve.py did not answer /health within {start_timeout} s")
 
     def request(self, method, path, body=None, headers=None, timeout=60):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -243,26 +243,33 @@ def test_queue_full_is_503_with_retry_after(slow_model):
             assert running.result()[0] == 200 and waiting.result()[0] == 200
 
 
-STREAMING_CLIENT = r"""
+KILLED_CLIENT = r"""
 import http.client, json, sys
+stream = sys.argv[2] == "stream"
 connection = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
 connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "", "max_tokens": 1000,
-                   "temperature": 0, "stream": True}), headers={"Content-Type": "application/json"})
-response = connection.getresponse()
-assert response.status == 200
-line = response.fp.readline()
-print("streaming", flush=True)
+                   "temperature": 0, "stream": stream}), headers={"Content-Type": "application/json"})
+if stream:
+    response = connection.getresponse()
+    assert response.status == 200
+    response.fp.readline()
+print("waiting", flush=True)
 sys.stdin.read()  # until killed
 """
 
 
 def test_killed_clients_free_their_rows(slow_model):
+    """10 clients killed mid-story, 6 of them streaming, 4 waiting for a whole answer."""
     with Server(slow_model, "--max_batch=10") as server:
-        clients = [subprocess.Popen([sys.executable, "-c", STREAMING_CLIENT, str(server.port)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(10)]
+        clients = [subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(server.port), mode],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                   for mode in ["stream"] * 6 + ["whole"] * 4]
         try:
             for client in clients:
-                assert client.stdout.readline().strip() == "streaming"
+                assert client.stdout.readline().strip() == "waiting"
+            deadline = time.monotonic() + 30
+            while server.get("/health")[1]["running"] < 10 and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert server.get("/health")[1]["running"] == 10
         finally:
             for client in clients:
@@ -373,41 +380,82 @@ def test_stories_endpoint_words_the_prompt_as_generate_does(instruct_server, ins
         assert status == 400 and payload["error"]["param"] == field, payload
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM) or not os.path.exists(CHROMEDRIVER),
-                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-def test_page_in_headless_chromium_writes_a_story_with_dialogue(instruct_server, tmp_path):
+@pytest.fixture
+def browser(tmp_path):
+    """Debian's headless Chromium with a fresh profile, driven through chromedriver."""
+    if not os.path.exists(CHROMIUM) or not os.path.exists(CHROMEDRIVER):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
                  f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
     try:
-        browser.set_page_load_timeout(30)
-        browser.get(instruct_server.url + "/")
-        wait = WebDriverWait(browser, 30)
-        wait.until(lambda b: b.find_element(By.ID, "verb").is_displayed())
-        assert not browser.find_element(By.ID, "prompt").is_displayed()  # the instruct form, not the free one
-        for field, word in (("verb", "climb"), ("noun", "ring"), ("adjective", "messy")):
-            browser.find_element(By.ID, field).send_keys(word)
-        browser.find_element(By.ID, "feature-dialogue").click()
-        temperature = browser.find_element(By.ID, "temperature")
-        temperature.clear()
-        temperature.send_keys("0")
-        browser.find_element(By.ID, "write").click()
-        wait.until(lambda b: b.find_element(By.ID, "stats").text or b.find_element(By.ID, "error").text)
-        assert browser.find_element(By.ID, "error").text == ""
-        story = browser.find_element(By.ID, "story").text
-        assert "tokens/s" in browser.find_element(By.ID, "stats").text
-        assert story.count('"') >= 2, story  # quoted speech
+        yield driver
     finally:
-        browser.quit()
+        driver.quit()
+
+
+def test_page_in_headless_chromium_writes_a_story_with_dialogue(instruct_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.get(instruct_server.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_element(By.ID, "verb").is_displayed())
+    assert not browser.find_element(By.ID, "prompt").is_displayed()  # the instruct form, not the free one
+    for field, word in (("verb", "climb"), ("noun", "ring"), ("adjective", "messy")):
+        browser.find_element(By.ID, field).send_keys(word)
+    browser.find_element(By.ID, "feature-dialogue").click()
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    browser.find_element(By.ID, "write").click()
+    wait.until(lambda b: b.find_element(By.ID, "stats").text or b.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    story = browser.find_element(By.ID, "story").text
+    assert "tokens/s" in browser.find_element(By.ID, "stats").text
+    assert story.count('"') >= 2, story  # quoted speech
+
+
+def test_page_for_a_plain_model_continues_a_free_prompt(stories_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.get(stories_server.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_element(By.ID, "prompt").is_displayed())
+    assert not browser.find_element(By.ID, "verb").is_displayed()
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("Tom had a big red ball")
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    browser.find_element(By.ID, "write").click()
+    wait.until(lambda b: b.find_element(By.ID, "stats").text or b.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    expected = stories_server.post("/v1/completions", {"prompt": "Tom had a big red ball", "temperature": 0,
+                                                       "max_tokens": 200})[1]["choices"][0]["text"]
+    story = browser.find_element(By.ID, "story").text
+    # the page's story runs to the end of the context; its start is the greedy continuation
+    assert story.startswith("Tom had a big red ball" + expected.split("\n")[0].rstrip())
+
+
+def test_compiled_server_batches_the_same_greedy_stories():
+    """--compile: one compiled decode step for every batch size; the published story alone,
+    and the same story from each row of a batch."""
+    need_stories260K()
+    # it compiles before it listens: 25-45 s on 2 quiet cores, minutes on busy ones
+    with Server(STORIES260K, "--compile", start_timeout=600) as server:
+        body = {"prompt": "", "max_tokens": 200, "temperature": 0}
+        assert server.post("/v1/completions", body)[1]["choices"][0]["text"] == greedy_story()
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda _: server.post("/v1/completions", body), range(5)))
+        assert [a[1]["choices"][0]["text"] for a in answers] == [greedy_story()] * 5
 
 
 # ---- the command line and shutdown -----------------------------------------------------------
