@@ -229,7 +229,7 @@ def test_greedy_stories_are_the_same_alone_and_in_a_batch(stories_server):
 
 def test_queue_full_is_503_with_retry_after(slow_model):
     with Server(slow_model, "--max_batch=1", "--max_queue=1") as server:
-        long = {"prompt": "", "max_tokens": 1000, "temperature": 0}
+        long = {"prompt": "", "max_tokens": 300, "temperature": 0}
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             running = pool.submit(server.post, "/v1/completions", long)
             while server.get("/health")[1]["running"] < 1:
@@ -238,6 +238,7 @@ def test_queue_full_is_503_with_retry_after(slow_model):
             while server.get("/health")[1]["waiting"] < 1:
                 time.sleep(0.05)
             status, payload, headers = server.post("/v1/completions", long)
+            assert server.get("/health")[1]["running"] == 1  # the first still ran: the queue was full
             assert status == 503 and headers.get("retry-after") == "1", (status, payload)
             assert "busy" in payload["error"]["message"]
             assert running.result()[0] == 200 and waiting.result()[0] == 200
