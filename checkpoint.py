@@ -8,10 +8,13 @@
   parametrizations), with the LoRA rank read from the tensor shapes;
 - llama2.c's binary model files, versions 0, 1 and 2 (Q8_0, dequantized);
 - a Hugging Face Llama folder (config.json + model.safetensors or pytorch_model.bin), with wq/wk
-  permuted back from Hugging Face's rotate-halves layout to Meta's adjacent pairs.
+  permuted back from Hugging Face's rotate-halves layout to Meta's adjacent pairs;
+- a llama GGUF file with float32 or float16 tensors (what export.py --format=gguf writes).
+Every export carries the prompt format (prompts.prompt_format), and each reader here takes it back.
 Nothing is unpickled beyond tensors and plain containers (`weights_only=True`), so a hostile
 file can fail to load but never run code.
 """
+import hashlib
 import json
 import os
 import pickle
@@ -28,7 +31,7 @@ from cli import UsageError, atomic_write, file_sha256
 from data_paths import LLAMA2_VOCAB_SIZE, tokenizer_file_name, vocab_source
 from lora import merge_adapters, merge_parametrized_lora
 from model import ModelArgs, Transformer
-from prompts import PROMPT_ENCODINGS
+from prompts import PROMPT_FORMAT_KEY, prompt_format, read_prompt_format
 from tokenizer import Tokenizer, TokenizerError
 
 LLAMA2C_MAGIC = 0x616B3432  # "ak42"
@@ -41,26 +44,34 @@ class CheckpointError(UsageError):
 @dataclass
 class Checkpoint:
     path: str
-    kind: str  # project | llama2c | lora_adapter | instruct_storyteller | llama2c_bin_v0/v1/v2 | hf
+    kind: str  # project | llama2c | lora_adapter | instruct_storyteller | llama2c_bin_v0/v1/v2 | hf | gguf
     model_args: ModelArgs
     state_dict: Dict[str, torch.Tensor]
     config: dict = field(default_factory=dict)  # training settings (dataset, vocab_size, tokenizer...)
     extra: dict = field(default_factory=dict)  # everything else in the file (optimizer, iter_num...)
 
     @property
-    def is_instruct(self) -> bool:
-        """Trained on instruction examples (prompt, then BOS, then story)?"""
-        return self.kind == "instruct_storyteller" or self.config.get("dataset") == "instruct"
+    def prompt_format(self) -> dict:
+        """How the model reads its prompt (prompts.prompt_format): the config's record; before
+        the record, a model trained on instruct data (config dataset "instruct", or the original
+        instruct storyteller's) with its config's prompt_encoding, absent: plain text."""
+        try:
+            if PROMPT_FORMAT_KEY in self.config:
+                return read_prompt_format(self.config[PROMPT_FORMAT_KEY])
+            instruct = self.kind == "instruct_storyteller" or self.config.get("dataset") == "instruct"
+            return prompt_format(instruct, self.config.get("prompt_encoding") or "plain")
+        except ValueError as exc:
+            raise CheckpointError(f"{self.path}: config {exc}") from None
 
     @property
-    def prompt_encoding(self) -> str:
-        """How its training data tokenized prompts (prompts.PROMPT_ENCODINGS); checkpoints from
-        before the data recorded it, and the original's, read plain text."""
-        encoding = self.config.get("prompt_encoding") or "plain"
-        if encoding not in PROMPT_ENCODINGS:
-            raise CheckpointError(f"{self.path}: config prompt_encoding {encoding!r}, expected one of "
-                                  f"{', '.join(PROMPT_ENCODINGS)}")
-        return encoding
+    def is_instruct(self) -> bool:
+        """Trained on instruction examples (prompt, then BOS, then story)?"""
+        return self.prompt_format["is_instruct"]
+
+    @property
+    def prompt_encoding(self) -> Optional[str]:
+        """How an instruct prompt's text is tokenized (prompts.PROMPT_ENCODINGS); None if plain."""
+        return self.prompt_format["prompt_encoding"]
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -105,6 +116,8 @@ def _read_checkpoint(path: str) -> Checkpoint:
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
         head = f.read(8)
+    if head.startswith(b"GGUF"):
+        return _read_gguf(path)
     if len(head) >= 4 and struct.unpack("<I", head[:4])[0] == LLAMA2C_MAGIC:
         return _read_llama2c_bin_versioned(path)
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
@@ -193,25 +206,60 @@ def _read_torch(path) -> Checkpoint:
     return Checkpoint(path, kind, args, state, config, extra)
 
 
+def checkpoint_sha256(path: str) -> str:
+    """sha256 of a checkpoint file; for a folder (a Hugging Face model), of every file in it:
+    each one's path inside the folder and its own sha256, in sorted order."""
+    if not os.path.isdir(path):
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            digest.update(f"{os.path.relpath(full, path)}\0{file_sha256(full)}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def base_reference(base_path: str, folder: str) -> dict:
+    """How an adapter (or a LoRA run's last.pt) in `folder` names its base: relative to that
+    folder when both lie in one tree (so a moved out/ folder still finds it), and absolute as
+    well, for an adapter moved without its base."""
+    base, folder = os.path.abspath(base_path), os.path.abspath(folder)
+    same_tree = os.path.dirname(os.path.commonpath([base, folder])) != os.path.commonpath([base, folder])
+    return {"base_checkpoint": os.path.relpath(base, folder) if same_tree else base,
+            "base_checkpoint_absolute": base}
+
+
+def find_base_checkpoint(path: str, obj: dict) -> str:
+    """The base an adapter or a LoRA run's last.pt at `path` names (base_reference): relative to
+    its folder first, then the absolute path, then (files from before) as written."""
+    recorded = obj.get("base_checkpoint")
+    if not isinstance(recorded, str) or not recorded:
+        raise CheckpointError(f"{path}: names no base checkpoint")
+    here = os.path.dirname(os.path.abspath(path))
+    candidates = [os.path.join(here, recorded), obj.get("base_checkpoint_absolute"), recorded]
+    found = next((c for c in candidates if isinstance(c, str) and c and os.path.exists(c)), None)
+    if found is None:
+        raise CheckpointError(f"{path}: its base checkpoint {recorded!r} is not found")
+    return found
+
+
 def _read_lora_adapter(path, obj) -> Checkpoint:
-    base_path = obj.get("base_checkpoint")
-    if not base_path or not os.path.isfile(base_path):
-        # a relative base path is also tried relative to the adapter's folder
-        candidate = os.path.join(os.path.dirname(path), base_path or "")
-        if not base_path or not os.path.isfile(candidate):
-            raise CheckpointError(f"{path}: its base checkpoint {base_path!r} is not found")
-        base_path = candidate
-    if obj.get("base_sha256") and file_sha256(base_path) != obj["base_sha256"]:
+    base_path = find_base_checkpoint(path, obj)
+    if obj.get("base_sha256") and checkpoint_sha256(base_path) != obj["base_sha256"]:
         raise CheckpointError(f"{path}: base checkpoint {base_path} is not the one this adapter "
                               f"was trained on (sha256 differs)")
     if os.path.abspath(base_path) == os.path.abspath(path):
         raise CheckpointError(f"{path}: names itself as its base checkpoint")
     base = load_checkpoint(base_path)
     try:
-        state = merge_adapters(base.state_dict, obj["lora"], float(obj["lora_alpha"]))
+        state = merge_adapters(base.state_dict, obj["lora"], float(obj["lora_alpha"]), bool(obj.get("lora_rslora", False)))
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: malformed LoRA adapter ({type(exc).__name__}: {exc})") from None
-    config = {**base.config, **(obj.get("config") or {})}
+    own = obj.get("config") or {}
+    config = {**base.config, **own}
+    if PROMPT_FORMAT_KEY not in own and "dataset" in own:  # an adapter saved before the record
+        config.pop(PROMPT_FORMAT_KEY, None)
     extra = {k: v for k, v in obj.items() if k not in ("lora", "config")}
     return Checkpoint(path, "lora_adapter", base.model_args, state, config, extra)
 
@@ -298,7 +346,26 @@ def _finish_bin(path, kind, args, state, shared):
                               f"output to the token embedding")
     state["output.weight"] = state["tok_embeddings.weight"]
     config = {"vocab_source": vocab_source(args.vocab_size), "vocab_size": args.vocab_size}
+    config.update(read_llama2c_sidecar(path))
     return Checkpoint(path, kind, args, state, config, {})
+
+
+def llama2c_sidecar_path(bin_path: str) -> str:
+    """llama2.c's header has no room for the prompt format: export.py writes it beside the .bin."""
+    return bin_path + ".json"
+
+
+def read_llama2c_sidecar(bin_path) -> dict:
+    """{"prompt_format": ...} from the JSON file beside a .bin, or {} where there is none."""
+    sidecar = llama2c_sidecar_path(bin_path)
+    if not os.path.isfile(sidecar):
+        return {}
+    try:
+        with open(sidecar, encoding="utf-8") as f:
+            record = json.load(f)[PROMPT_FORMAT_KEY]
+        return {PROMPT_FORMAT_KEY: read_prompt_format(record)}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{sidecar}: not a readable prompt format file ({exc})") from None
 
 
 def _read_llama2c_bin_v0(path) -> Checkpoint:
@@ -481,7 +548,73 @@ def _read_hf_folder(path) -> Checkpoint:
     ckpt_config = {"vocab_source": vocab_source(args.vocab_size), "vocab_size": args.vocab_size}
     if os.path.isfile(tokenizer):
         ckpt_config["tokenizer"] = tokenizer
+    if PROMPT_FORMAT_KEY in config:  # written by export.py; a folder from elsewhere reads as plain
+        ckpt_config[PROMPT_FORMAT_KEY] = config[PROMPT_FORMAT_KEY]
     return Checkpoint(path, "hf", args, state, ckpt_config, {"hf_config": config})
+
+
+# ---- GGUF files (as export.py writes them) ---------------------------------------------------
+
+GGUF_LAYER_NAMES = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+                    "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+                    "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+                    "feed_forward.w3": "ffn_up"}
+# the prompt format, as a JSON string under this project's own key (GGUF readers skip unknown keys)
+GGUF_PROMPT_FORMAT_KEY = "tinystories.prompt_format"
+
+
+def gguf_key_map(n_layers):
+    """Our state-dict key -> llama.cpp tensor name, in llama.cpp's order."""
+    names = {"tok_embeddings.weight": "token_embd.weight"}
+    for i in range(n_layers):
+        for ours, theirs in GGUF_LAYER_NAMES.items():
+            names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+    names["norm.weight"] = "output_norm.weight"
+    return names
+
+
+def _read_gguf(path) -> Checkpoint:
+    """A llama GGUF file with float32 or float16 tensors (what export.py writes). Its q/k rows are
+    in Meta's layout already, as llama.cpp keeps them; the tokenizer is looked for as for a .bin."""
+    try:
+        from gguf import GGUFReader
+        reader = GGUFReader(path)
+        meta = {name: field.contents() for name, field in reader.fields.items()}
+        tensors = {t.name: t for t in reader.tensors}
+    except ImportError:
+        raise CheckpointError(f"{path}: reading GGUF needs the gguf package (pip install gguf)") from None
+    except (ValueError, OSError, KeyError, IndexError, struct.error) as exc:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({exc})") from None
+    if meta.get("general.architecture") != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {meta.get('general.architecture')!r}; only llama is read")
+    if "output.weight" in tensors:
+        raise CheckpointError(f"{path}: has an untied output.weight; this project's model ties it")
+    try:
+        args = ModelArgs(dim=int(meta["llama.embedding_length"]), n_layers=int(meta["llama.block_count"]),
+                         n_heads=int(meta["llama.attention.head_count"]),
+                         n_kv_heads=int(meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"])),
+                         vocab_size=int(meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", [])))),
+                         hidden_dim=int(meta["llama.feed_forward_length"]),
+                         norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                         max_seq_len=int(meta["llama.context_length"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: GGUF metadata lacks or mangles {exc}") from None
+    state = {}
+    for ours, theirs in gguf_key_map(args.n_layers).items():
+        tensor = tensors.get(theirs)
+        if tensor is None:
+            raise CheckpointError(f"{path}: GGUF file has no tensor {theirs}")
+        if tensor.data.dtype not in (np.float32, np.float16):
+            raise CheckpointError(f"{path}: tensor {theirs} is {tensor.tensor_type.name}; float32 and float16 are read")
+        state[ours] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
+    state["output.weight"] = state["tok_embeddings.weight"]
+    config = {"vocab_source": vocab_source(args.vocab_size), "vocab_size": args.vocab_size}
+    if GGUF_PROMPT_FORMAT_KEY in meta:
+        try:
+            config[PROMPT_FORMAT_KEY] = json.loads(meta[GGUF_PROMPT_FORMAT_KEY])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: {GGUF_PROMPT_FORMAT_KEY} is not JSON ({exc})") from None
+    return Checkpoint(path, "gguf", args, state, config, {})
 
 
 # ---- writing ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 
 class ToolError(Exception):
@@ -122,26 +123,93 @@ def atomic_write(path: str, write_fn):
 
 
 def atomic_write_folder(path, write_fn):
-    """write_fn(tmp_folder), then swap it in for path: an old folder is moved aside and removed
-    only once the new one is in place."""
+    """write_fn(tmp_folder), then put it in place: a new folder is renamed into path whole; into
+    a folder that is already there, only the files write_fn wrote are moved, each replacing its
+    namesake, so that the folder's other files and subfolders stay as they are (check_output)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     name = os.path.basename(os.path.abspath(path))
     tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
-    old = os.path.join(parent, f".{name}.{os.getpid()}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         write_fn(tmp)
-        if os.path.lexists(path):
-            os.rename(path, old)
-        os.rename(tmp, path)
+        if os.path.isdir(path):
+            for entry in sorted(os.listdir(tmp)):
+                os.replace(os.path.join(tmp, entry), os.path.join(path, entry))
+        else:
+            os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if os.path.isdir(old):
-        shutil.rmtree(old)
-    elif os.path.lexists(old):
-        os.remove(old)
+
+
+# ---- what may be replaced ----------------------------------------------------------------------
+# The one rule for every output a user names (evaluate --report, export --out, train's out_dir): a
+# file or folder the user did not ask us to replace is never replaced. An existing output is taken
+# only when it is our own earlier output of the same kind (ours(path)), or an empty folder, or
+# with --force; --force replaces only the files the step itself writes, and never an input of the
+# same run. All of it is checked in one line before the work, not after it.
+
+def check_writable(path, name, folder=False):
+    """Refuse a place where the output cannot be written (a read-only folder, a file where a folder
+    should be) now rather than after the work. A real probe file, not os.access: root passes every
+    permission test, but not a read-only mount."""
+    place = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(place):
+        place = os.path.dirname(place)
+    if not os.path.isdir(place):
+        raise UsageError(f"{name}: {place} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{name}: cannot write in {place} ({exc.strerror or exc})") from None
+
+
+def check_output(path, name, force=False, ours=None, inputs=(), folder=False,
+                 hint="pass --force to replace it"):
+    """Refuse, in one line, an output path this step may not write (the rule above). name is how
+    the user typed it (--report=x.json); inputs are this run's input files and folders."""
+    for source in inputs:
+        if source and os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
+            raise UsageError(f"{name}: is an input of this run ({source}); choose another path")
+    if os.path.lexists(path):
+        if folder and not os.path.isdir(path):
+            raise UsageError(f"{name}: is a file; expected a folder")
+        if not folder and os.path.isdir(path):
+            raise UsageError(f"{name}: is a folder; expected a file name")
+        empty_folder = folder and not os.listdir(path)
+        if not (force or empty_folder or (ours is not None and ours(path))):
+            raise UsageError(f"{name}: already exists; {hint}")
+    check_writable(path, name, folder)
+
+
+def is_json_with(path, keys) -> bool:
+    """Whether path is a JSON object file holding one of keys: how a step recognises its own
+    earlier report, which it may replace without --force."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and any(key in obj for key in keys)
+
+
+# ---- how every script ends ---------------------------------------------------------------------
+
+def run_main(main, argv=None) -> int:
+    """main(argv) with the endings every script shares: Ctrl-C ends with one line and exit code
+    130 (main keeps what it had finished before the interrupt reaches here), and a closed stdout
+    (`| head`) ends quietly with the shell's code for a broken pipe, 141."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader is gone: point stdout at /dev/null so that the interpreter's last flush is quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def remove_stale_temp_files(folder, names):

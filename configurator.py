@@ -24,13 +24,28 @@ def _checked(key, value, defaults, choices, source):
     return value
 
 
+def wants_help(argv) -> bool:
+    return any(arg in ("-h", "--help") for arg in argv)
+
+
+def settings_help(doc: str, defaults: dict, choices: dict = None) -> str:
+    """--help: the script's docstring, then every setting with its default (and its choices)."""
+    lines = [doc.strip(), "", "settings (--key=value; a bare --key turns a True/False setting on):"]
+    for key, value in defaults.items():
+        allowed = f"  (one of {', '.join(choices[key])})" if choices and key in choices else ""
+        lines.append(f"  --{key}={value!r}{allowed}")
+    return "\n".join(lines)
+
+
 def parse_settings(argv, defaults: dict, choices: dict = None) -> dict:
     """defaults <- config files <- --key=value flags, in the order given."""
     settings = dict(defaults)
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
-            if not eq:
+            if not eq and isinstance(defaults.get(key), bool):
+                raw = "True"  # --force, --compile: a bare switch turns it on
+            elif not eq:
                 raise UsageError(f"{arg}: expected --key=value")
             value = raw
             if not isinstance(defaults.get(key), str):

@@ -15,6 +15,7 @@ import torch
 
 from cli import UsageError
 from data_paths import folder_vocab, instruct_dir, pretokenized_dir, tokenizer_model_path
+from prompts import PROMPT_FORMAT_KEY, prompt_format, read_prompt_format
 
 
 def _release_pages(array):
@@ -66,8 +67,9 @@ def open_token_shard(path):
 
 
 class TokenWindows(ShardedRows):
-    """Pretraining: windows of seq_len+1 tokens at random offsets of the uint16 shards, as llama2.c
-    draws them. Each shard is memory-mapped once for the run, not once per batch as in nanoGPT."""
+    """Pretraining: windows of seq_len+1 tokens at random offsets of the uint16 shards, as nanoGPT
+    draws them (llama2.c cuts each shard into consecutive windows and shuffles those). Each shard
+    is memory-mapped once for the run, not once per batch as in nanoGPT."""
 
     def __init__(self, folder, files, seq_len, vocab_size=None):
         self.shards = [open_token_shard(f) for f in files]
@@ -179,6 +181,14 @@ def open_dataset(cfg, split, model_max_len):
     if not os.path.isfile(os.path.join(folder, "meta.json")):
         raise UsageError(f"{folder}: no meta.json, so prepare_instruct_data.py did not finish there; run it again")
     rows = InstructRows(folder, files, min(cfg["max_seq_len"], model_max_len), cfg["vocab_size"])
+    if len(rows) == 0:
+        raise UsageError(f"{folder}: the {split} shards hold no examples; run prepare_instruct_data.py again "
+                         f"with a larger --max_seq_len")
+    shortest_prompt = min(int(lengths[:, 0].min()) for lengths in rows.lengths if len(lengths))
+    if shortest_prompt > rows.seq_len:  # every target would be masked: a nan loss, not a lesson
+        raise UsageError(f"max_seq_len={cfg['max_seq_len']}: a window of {rows.seq_len} tokens (model {model_max_len}) "
+                         f"is shorter than every prompt in {folder} (the shortest takes {shortest_prompt}); "
+                         f"raise max_seq_len")
     if rows.seq_len < rows.tokens[0].shape[1] - 1 and split == "train":
         print(f"note: instruct rows hold {rows.tokens[0].shape[1] - 1} positions; cropped to {rows.seq_len} "
               f"(max_seq_len {cfg['max_seq_len']}, model {model_max_len}): long stories lose their end")
@@ -201,10 +211,16 @@ def default_tokenizer(cfg):
     return "" if cfg["vocab_source"] == "llama2" else tokenizer_model_path(cfg["data_dir"], cfg["vocab_size"])
 
 
-def data_prompt_encoding(cfg) -> str:
-    """How the instruct data tokenized its prompts (prompts.PROMPT_ENCODINGS): a model must be
-    prompted alike, so checkpoints record it. Data written before meta.json said so: plain."""
-    return data_meta(cfg).get("prompt_encoding", "plain") if cfg["dataset"] == "instruct" else ""
+def data_prompt_format(cfg) -> dict:
+    """How a model trained on this data reads its prompt (prompts.prompt_format): a model must be
+    prompted as its data was, so checkpoints record it. Instruct data written before meta.json
+    held the record names its encoding alone, or (older still) nothing: plain."""
+    if cfg["dataset"] != "instruct":
+        return prompt_format(False)
+    meta = data_meta(cfg)
+    if PROMPT_FORMAT_KEY in meta:
+        return read_prompt_format(meta[PROMPT_FORMAT_KEY])
+    return prompt_format(True, meta.get("prompt_encoding", "plain"))
 
 
 class BatchSampler:

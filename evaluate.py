@@ -10,9 +10,15 @@
 Instruction following: each prompt asks for a verb, a noun and an adjective (and maybe
 features). A story uses a word when one of its lower-cased words is: for the verb, the base
 form or a regular inflection (climb, climbs, climbed, climbing; hop -> hopped, carry ->
-carried: demo_corpus.verb_forms); for the noun, the noun or its regular plural; for the
-adjective, the adjective itself. A Dialogue story must contain quoted speech ("..." or curly
+carried: demo_corpus.verb_forms); for the noun, the noun or its regular plural (noun_forms:
+hat -> hats, never "hates"); for the adjective, the adjective itself. A word in both demo lists
+(watch, rock, brush...) counts for the role the prompt asks for, in that role's forms only: the
+noun brush is not used by "brushed". A Dialogue story must contain quoted speech ("..." or curly
 quotes). Irregular forms (ran, went) do not count.
+
+Prompts are laid out and encoded as the checkpoint's prompt format says (its data's, recorded in
+the checkpoint and every export); --compare asks every model the same token sequences, and
+--prompt_encoding / --instruct override the record for files made elsewhere.
 """
 import argparse
 import glob
@@ -31,13 +37,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, write_json
+from cli import (DTYPE_NAMES, OneLineParser, UsageError, check_device, check_output, default_device, is_json_with,
+                 positive_int, report_error, run_main, write_json)
+from data_paths import LLAMA2_VOCAB_SIZE
 from dataset import InstructRows, check_token_ids, open_token_shard
 from demo_corpus import DEMO_ADJECTIVES, DEMO_NOUNS, DEMO_VERBS, verb_forms
-from generate import check_sampling_args, load_for_sampling, sample_stories
-from prompts import FEATURE_PHRASES, build_prompt, canonical_feature, prompt_ids
+from generate import add_prompt_format_args, check_sampling_args, load_for_sampling, model_prompt_format, sample_stories
+from prompts import FEATURE_PHRASES, build_prompt, canonical_feature, prompt_format, prompt_ids
 
 STORY_SEPARATOR = "<|endoftext|>"
+REPORT_KEYS = ("model_path", "compare")  # an earlier report of ours holds one of them: --report may replace it
 QUOTED_SPEECH = re.compile(r'"[^"\n]{2,}"|\u201c[^\u201d\n]{2,}\u201d')
 
 
@@ -89,8 +98,30 @@ def text_file_tokens(path: str, tokenizer) -> np.ndarray:
     return np.array(ids, dtype=np.int64)
 
 
+def check_data_vocabulary(data: str, vocab_size: int):
+    """Shards of another tokenizer can hold only ids the model knows (tok400 data, vocab 512), and
+    then give a plausible, meaningless loss. The folder says which tokenizer wrote them: tok{N}/
+    (N = 0: Llama 2's 32000) and instruct{N}/, whose meta.json records its vocab_size too."""
+    folder = data if os.path.isdir(data) else os.path.dirname(os.path.abspath(data))
+    match = re.fullmatch(r"(tok|instruct)(\d+)", os.path.basename(os.path.normpath(folder)))
+    if not match:
+        return
+    written_for = int(match.group(2)) or LLAMA2_VOCAB_SIZE
+    meta_path = os.path.join(folder, "meta.json")
+    if match.group(1) == "instruct" and os.path.isfile(meta_path):
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                written_for = int(json.load(f).get("vocab_size", written_for))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    if written_for != vocab_size:
+        raise UsageError(f"--data={data}: tokenized for a vocabulary of {written_for} ({os.path.basename(folder)}/), "
+                         f"but the model's has {vocab_size}; its loss would mean nothing")
+
+
 def evaluate_loss(model, tokenizer, data: str, batch_size: int, max_tokens: int) -> dict:
     seq_len = model.args.max_seq_len
+    check_data_vocabulary(data, model.args.vocab_size)
     if os.path.isdir(data):  # a shard folder: its validation shard, data00
         candidates = sorted(glob.glob(os.path.join(data, "*.tokens.npy"))) or sorted(glob.glob(os.path.join(data, "*.bin")))
         if not candidates:
@@ -141,6 +172,8 @@ def requests_from_file(path: str) -> List[Request]:
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise UsageError(f"--prompts_file={path} line {line_no}: expected a JSON object with "
                                  f"verb, noun, adjective and optional features ({exc})") from None
+    if not requests:
+        raise UsageError(f"--prompts_file={path}: holds no prompts (expected JSON lines of verb, noun, adjective)")
     return requests
 
 
@@ -160,6 +193,8 @@ def requests_from_shard(path: str, n: int, seed: int) -> List[Request]:
                 requests.append(Request(*words, [canonical_feature(x) for x in instruction.get("features", [])]))
             except ValueError:
                 continue
+    if not requests:
+        raise UsageError(f"--prompts_shard={path}: no record with instruction words to make a prompt of")
     random.Random(seed).shuffle(requests)
     return requests[:n]
 
@@ -205,11 +240,23 @@ def story_words(story: str) -> set:
 
 
 def noun_forms(noun: str) -> set:
+    """{noun, its plural} by the regular English spelling rules: box boxes, dish dishes, berry
+    berries, leaf leaves (or leafs), knife knives, potato potatoes (or pianos); otherwise -s. So
+    hat matches hats, never "hates"."""
     noun = noun.lower()
-    forms = {noun, noun + "s", noun + "es"}
-    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
-        forms.add(noun[:-1] + "ies")
-    return forms
+    if re.search(r"(s|x|z|ch|sh)$", noun):
+        plurals = {noun + "es"}
+    elif re.search(r"[^aeiou]y$", noun):
+        plurals = {noun[:-1] + "ies"}
+    elif noun.endswith("fe"):
+        plurals = {noun[:-2] + "ves", noun + "s"}
+    elif noun.endswith("f"):
+        plurals = {noun[:-1] + "ves", noun + "s"}
+    elif re.search(r"[^aeiou]o$", noun):
+        plurals = {noun + "es", noun + "s"}
+    else:
+        plurals = {noun + "s"}
+    return {noun} | plurals
 
 
 def score_story(story: str, request: Request) -> dict:
@@ -223,15 +270,39 @@ def score_story(story: str, request: Request) -> dict:
     return found
 
 
-def run_requests(model, tokenizer, requests, prompt_encoding, max_new_tokens, temperature, top_k,
-                 top_p, seed, compile=False):
-    """Sample one story per request, its prompt encoded as the model's data was. Prompts of equal
-    token length share a batch, sampled through generate.py's path (compiled decode step if asked)."""
+def evaluation_prompt_format(formats, instruct=None, encoding=None) -> dict:
+    """The one prompt format every evaluated model is asked in, so that --compare scores them all
+    on the same token sequences: instruct prompts (unless --no-instruct), encoded as
+    --prompt_encoding says, else as the instruct models among them were trained (plain if none is);
+    models trained on different encodings need --prompt_encoding to say which."""
+    if instruct is False:
+        if encoding:
+            raise UsageError("--prompt_encoding says how an instruct prompt is encoded: drop --no-instruct")
+        return prompt_format(False)
+    if encoding is None:
+        encodings = sorted({f["prompt_encoding"] for f in formats if f["is_instruct"]})
+        if len(encodings) > 1:
+            raise UsageError(f"the models were trained on prompts encoded {' and '.join(encodings)}; pass "
+                             f"--prompt_encoding to score them all on the same prompts")
+        encoding = encodings[0] if encodings else "plain"
+    return prompt_format(True, encoding)
+
+
+def run_requests(model, tokenizer, requests, fmt, max_new_tokens, temperature, top_k,
+                 top_p, seed, compile=False, results=None):
+    """Sample one story per request, its prompt laid out and encoded as fmt (prompts.prompt_format)
+    says. Prompts of equal token length share a batch, sampled through generate.py's path
+    (compiled decode step if asked). Each batch's results are appended to `results` as it
+    finishes: a Ctrl-C keeps them."""
     by_length = defaultdict(list)
     for request in requests:
-        ids = prompt_ids(tokenizer, request.prompt, True, prompt_encoding)
+        ids = prompt_ids(tokenizer, request.prompt, fmt["is_instruct"], fmt["prompt_encoding"])
         by_length[len(ids)].append((request, ids))
-    results = []
+    room = model.args.max_seq_len - max(by_length) + 1  # what model.generate leaves the longest prompt
+    if 0 < room < max_new_tokens:
+        print(f"note: --max_new_tokens={max_new_tokens} is capped at {room} for the longest prompts "
+              f"({max(by_length)} tokens of the model's {model.args.max_seq_len}-token context)", file=sys.stderr)
+    results = [] if results is None else results
     with tqdm(total=len(requests), desc="sampling stories", unit="story") as bar:
         for length, group in sorted(by_length.items()):
             tokens = sample_stories(model, tokenizer, [ids for _, ids in group], max_new_tokens,
@@ -287,18 +358,33 @@ def print_table(reports: list):
             print(f"| {label} | " + " | ".join(cells) + " |")
 
 
-def evaluate_checkpoint(path, args, requests, report_extra) -> dict:
-    """Loss and/or instruction following of one checkpoint, as a report dict."""
-    model, ckpt, tokenizer = load_for_sampling(path, args.tokenizer, args.device, args.dtype, args.quantize)
-    report = {"model_path": path, "tokenizer": tokenizer.model_path, **report_extra}
+def evaluate_checkpoint(loaded, args, requests, report_extra, fmt, partial=None) -> dict:
+    """Loss and/or instruction following of one loaded checkpoint, as a report dict. While it
+    samples, the report in progress sits in `partial`."""
+    partial = [] if partial is None else partial
+    model, ckpt, tokenizer = loaded
+    report = {"model_path": ckpt.path, "tokenizer": tokenizer.model_path, **report_extra}
     if args.data:
         report.update(evaluate_loss(model, tokenizer, args.data, args.batch_size, args.max_tokens))
     if requests:
-        results = run_requests(model, tokenizer, requests, ckpt.prompt_encoding, args.max_new_tokens, args.temperature,
-                               args.top_k, args.top_p, args.seed, args.compile)
-        report.update(summarize(results))
+        report["prompt_format"] = fmt
         report["sampling"] = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}
-        report["samples"] = results
+        report["samples"] = []
+        partial.append(report)  # from here on a Ctrl-C keeps what was sampled
+        results = run_requests(model, tokenizer, requests, fmt, args.max_new_tokens, args.temperature,
+                               args.top_k, args.top_p, args.seed, args.compile, results=report["samples"])
+        partial.pop()
+        report.update(summarize(results))
+        report["samples"] = report.pop("samples")  # keep the samples after the scores, as before
+    return report
+
+
+def interrupted_report(report: dict, n_requests: int) -> dict:
+    """The part of a report a Ctrl-C left: the stories sampled so far, scored, marked as partial."""
+    done = report["samples"]
+    report = {**report, **(summarize(done) if done else {"n_prompts": 0}), "interrupted": True,
+              "n_prompts_asked": n_requests}
+    report["samples"] = report.pop("samples")
     return report
 
 
@@ -308,9 +394,10 @@ def build_parser():
     p.add_argument("--compare", nargs="+", metavar="CHECKPOINT",
                    help="evaluate several checkpoints alike and print their scores side by side")
     p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
+    add_prompt_format_args(p)
     p.add_argument("--data", help="loss on: a shard folder, a .bin or .tokens.npy shard, or a .txt file")
-    p.add_argument("--max_tokens", type=int, default=1_000_000, help="at most this many tokens for the loss")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_tokens", type=positive_int, default=1_000_000, help="at most this many tokens for the loss")
+    p.add_argument("--batch_size", type=positive_int, default=16)
     p.add_argument("--prompts_file", help="JSONL of {verb, noun, adjective, features}")
     p.add_argument("--prompts_shard", help="take prompts from this corpus shard's metadata (e.g. data00.json)")
     p.add_argument("--num_prompts", type=int, default=0, help="prompts to sample (generated or from the shard)")
@@ -320,7 +407,9 @@ def build_parser():
     p.add_argument("--top_k", type=int, default=10)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--report", help="write the JSON report here (an earlier report is replaced; any other file "
+                                    "only with --force)")
+    p.add_argument("--force", action="store_true", help="let --report replace a file that is not a report")
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="as in generate.py")
@@ -340,6 +429,10 @@ def main(argv=None):
         if not (args.data or args.prompts_file or args.num_prompts > 0):
             raise UsageError("nothing to do: give --data (loss) and/or --num_prompts / --prompts_file (instructions)")
         check_device(args.device)
+        if args.report:
+            check_output(args.report, f"--report={args.report}", args.force,
+                         ours=lambda path: is_json_with(path, REPORT_KEYS),
+                         inputs=[*paths, args.data, args.prompts_file, args.prompts_shard, args.tokenizer])
         extra = {}
         if args.prompts_file:
             requests = requests_from_file(args.prompts_file)
@@ -351,7 +444,20 @@ def main(argv=None):
             extra = {"held_out_from": args.held_out_from, "training_word_triples": len(seen)}
         else:
             requests = []
-        reports = [evaluate_checkpoint(path, args, requests, extra) for path in paths]
+        loaded = [load_for_sampling(path, args.tokenizer, args.device, args.dtype, args.quantize) for path in paths]
+        fmt = evaluation_prompt_format([model_prompt_format(ckpt) for _, ckpt, _ in loaded], args.instruct,
+                                       args.prompt_encoding)
+        reports, partial = [], []
+        try:
+            for one in loaded:
+                reports.append(evaluate_checkpoint(one, args, requests, extra, fmt, partial))
+        except KeyboardInterrupt:  # keep what was finished: the reports done, and the one in progress
+            reports += [interrupted_report(r, len(requests)) for r in partial]
+            if args.report and reports:
+                write_json(args.report, reports[0] if len(paths) == 1 else {"compare": reports}, indent=1)
+            print(f"interrupted: {sum(len(r.get('samples', [])) for r in reports)} stories sampled"
+                  + (f"; partial report in {args.report}" if args.report and reports else ""), file=sys.stderr)
+            return 130
     except UsageError as exc:  # the loader's and the tokenizer's errors are usage errors too
         return report_error(exc)
     if args.report:
@@ -363,4 +469,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -22,7 +22,9 @@ Formats
   quantizes the activations (dim and hidden_dim long) in groups of the same size and silently
   drops a partial last group.
   All three get the tokenizer in llama2.c's tokenizer.bin format beside them, named after the
-  .model (tok512.model -> tok512.bin): ./run model.bin -z tok512.bin
+  .model (tok512.model -> tok512.bin): ./run model.bin -z tok512.bin, and the prompt format
+  (instruct or not, and the prompt encoding) in model.bin.json, which llama2.c's header has no
+  room for; the loader reads it back.
 - hf: a folder transformers.AutoModelForCausalLM / AutoTokenizer load with no other help:
   config.json (LlamaForCausalLM, tie_word_embeddings true, rope_theta 10000), model.safetensors
   (float32; lm_head is not stored, it is tied to embed_tokens), generation_config.json,
@@ -52,7 +54,9 @@ Formats
     attention.head_count_kv, attention.layer_norm_rms_epsilon, vocab_size;
   * vocabulary tokenizer.ggml.model "llama" (sentencepiece): tokens are the pieces verbatim
     (with "▁", bytes as "<0xNN>"), scores, token_type (1 normal, 2 unknown, 3 control, 5 unused,
-    6 byte), bos/eos/unknown ids, add_bos_token true, add_eos_token false, add_space_prefix true.
+    6 byte), bos/eos/unknown ids, add_bos_token true, add_eos_token false, add_space_prefix true;
+  * the prompt format as JSON under tinystories.prompt_format (also the "prompt_format" key of
+    the hf format's config.json).
   GGUF has no field for sentencepiece's squeezing of spaces, so with a tokenizer that squeezes
   them (tok512 and the others llama2.c trains) GGUF readers tokenize text with runs of spaces,
   or leading/trailing ones, differently; ordinary story text is unaffected.
@@ -60,10 +64,12 @@ Formats
   vocab_source and the tokenizer path when one is found, iter_num 0), e.g. to fine-tune a small
   Llama from the Hugging Face Hub with finetune_lora.py.
 
-An existing output is never replaced without --force; every file is written under a temporary
+An existing output is never replaced without --force (into an existing folder, --format=hf
+writes only its own files, whatever else is there stays); every file is written under a temporary
 name and renamed (a folder likewise), so a reader never sees half an export.
 """
 import argparse
+import json
 import os
 import shutil
 import struct
@@ -71,11 +77,14 @@ import sys
 
 import torch
 
-from checkpoint import (LLAMA2C_MAGIC, find_tokenizer, hf_key_map, hf_permute_qk, llama2c_norm_order,
-                        llama2c_v0_order, llama2c_weight_order, load_checkpoint, load_tokenizer_for,
-                        model_args_dict, save_checkpoint)
-from cli import OneLineParser, UsageError, atomic_write, atomic_write_folder, report_error, write_json
+from checkpoint import (GGUF_PROMPT_FORMAT_KEY, LLAMA2C_MAGIC, find_tokenizer, gguf_key_map, hf_key_map,
+                        hf_permute_qk, llama2c_norm_order, llama2c_sidecar_path, llama2c_v0_order,
+                        llama2c_weight_order, load_checkpoint, load_tokenizer_for, model_args_dict,
+                        save_checkpoint)
+import cli
+from cli import OneLineParser, UsageError, atomic_write, atomic_write_folder, report_error, run_main, write_json
 from data_paths import vocab_source
+from prompts import PROMPT_FORMAT_KEY
 
 FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-q8", "hf", "gguf", "pt")
 LLAMA2C_FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-q8")
@@ -200,8 +209,9 @@ def hf_state_dict(args, state):
     return hf_state
 
 
-def hf_config(args, tokenizer):
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+def hf_config(args, tokenizer, prompt_format):
+    return {PROMPT_FORMAT_KEY: prompt_format,  # transformers keeps unknown keys; checkpoint.py reads it
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
             "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
             "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
@@ -272,12 +282,12 @@ def hf_tokenizer_json(tokenizer):
     }
 
 
-def write_hf_folder(folder, args, state, tokenizer):
+def write_hf_folder(folder, args, state, tokenizer, prompt_format):
     from safetensors.torch import save_file
 
     weights_path, config_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
     save_file(hf_state_dict(args, state), weights_path, metadata={"format": "pt"})
-    write_json(config_path, hf_config(args, tokenizer), indent=2)
+    write_json(config_path, hf_config(args, tokenizer, prompt_format), indent=2)
     shutil.copymode(config_path, weights_path)  # safetensors creates its file private (0600)
     write_json(os.path.join(folder, "generation_config.json"),
                {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}, indent=2)
@@ -297,22 +307,6 @@ def write_hf_folder(folder, args, state, tokenizer):
 
 # ---- GGUF ------------------------------------------------------------------------------------
 
-GGUF_LAYER_NAMES = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
-                    "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
-                    "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
-                    "feed_forward.w3": "ffn_up"}
-
-
-def gguf_key_map(n_layers):
-    """Our state-dict key -> llama.cpp tensor name, in llama.cpp's order."""
-    names = {"tok_embeddings.weight": "token_embd.weight"}
-    for i in range(n_layers):
-        for ours, theirs in GGUF_LAYER_NAMES.items():
-            names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
-    names["norm.weight"] = "output_norm.weight"
-    return names
-
-
 def gguf_token_type(sp, i) -> int:
     # llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
     if sp.is_unknown(i):
@@ -326,7 +320,7 @@ def gguf_token_type(sp, i) -> int:
     return 1
 
 
-def write_gguf(path, args, state, tokenizer, name):
+def write_gguf(path, args, state, tokenizer, name, prompt_format):
     import gguf
 
     sp = tokenizer.sp
@@ -353,6 +347,7 @@ def write_gguf(path, args, state, tokenizer, name):
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(True)
+    writer.add_string(GGUF_PROMPT_FORMAT_KEY, json.dumps(prompt_format))
     for ours, theirs in gguf_key_map(args.n_layers).items():
         writer.add_tensor(theirs, state[ours].detach().float().contiguous().numpy())
     writer.write_header_to_file()
@@ -371,6 +366,8 @@ def project_checkpoint(ckpt, tokenizer_path):
     config["vocab_source"] = vocab_source(ckpt.model_args.vocab_size)
     if tokenizer_path:
         config["tokenizer"] = os.path.abspath(tokenizer_path)
+    config[PROMPT_FORMAT_KEY] = ckpt.prompt_format  # the one record, also for a checkpoint from before it
+    config.pop("prompt_encoding", None)
     return {"kind": "project", "model": state, "model_args": model_args_dict(ckpt.model_args),
             "config": config, "iter_num": 0}
 
@@ -384,25 +381,28 @@ def build_parser():
     p.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
     p.add_argument("--out", required=True, help="output file (a folder for --format=hf)")
     p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output (into a folder: only the files the export writes)")
     return p
 
 
-def check_output(out, fmt, force):
-    if os.path.lexists(out):
-        if not force:
-            raise UsageError(f"{out}: already exists; pass --force to overwrite it")
-        if fmt != "hf" and os.path.isdir(out):
-            raise UsageError(f"{out}: is a folder; --format={fmt} writes a single file")
+def check_output(out, fmt, force, inputs=()):
+    """cli.check_output's rule: an existing --out only with --force, never an input; into an
+    existing folder --format=hf writes its own files and leaves the others there. The llama2.c
+    formats also write the prompt-format record beside the .bin."""
+    cli.check_output(out, f"--out={out}", force, inputs=inputs, folder=fmt == "hf")
+    if fmt in LLAMA2C_FORMATS:
+        sidecar = llama2c_sidecar_path(out)
+        cli.check_output(sidecar, sidecar, force, inputs=inputs)
 
 
 def export(checkpoint, fmt, out, tokenizer_path=None, force=False) -> str:
     """Run one export; returns a one-line summary. Raises UsageError or CheckpointError."""
     if fmt not in FORMATS:
         raise UsageError(f"--format={fmt}: expected one of {', '.join(FORMATS)}")
-    check_output(out, fmt, force)
+    check_output(out, fmt, force, inputs=[checkpoint, tokenizer_path])
     ckpt = load_checkpoint(checkpoint)
-    args, state = ckpt.model_args, ckpt.state_dict
+    args, state, prompt_format = ckpt.model_args, ckpt.state_dict, ckpt.prompt_format
     if fmt == "pt":
         tokenizer_path = find_tokenizer(ckpt, tokenizer_path)
         save_checkpoint(out, project_checkpoint(ckpt, tokenizer_path))
@@ -413,13 +413,15 @@ def export(checkpoint, fmt, out, tokenizer_path=None, force=False) -> str:
         if os.path.abspath(tokenizer_bin) == os.path.abspath(out):
             raise UsageError(f"{out}: is where the tokenizer file goes; name the model differently")
         export_llama2c_tokenizer(tokenizer, tokenizer_bin, force)
+        sidecar = llama2c_sidecar_path(out)
+        write_json(sidecar, {PROMPT_FORMAT_KEY: prompt_format}, indent=2)
         atomic_write(out, lambda tmp: LLAMA2C_WRITERS[fmt](tmp, args, state))
-        return f"wrote {out} and {tokenizer_bin}"
+        return f"wrote {out}, {os.path.basename(sidecar)} (its prompt format) and {tokenizer_bin}"
     if fmt == "hf":
-        atomic_write_folder(out, lambda folder: write_hf_folder(folder, args, state, tokenizer))
+        atomic_write_folder(out, lambda folder: write_hf_folder(folder, args, state, tokenizer, prompt_format))
         return f"wrote {out}/ (Hugging Face LlamaForCausalLM)"
     name = os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0]
-    atomic_write(out, lambda tmp: write_gguf(tmp, args, state, tokenizer, name))
+    atomic_write(out, lambda tmp: write_gguf(tmp, args, state, tokenizer, name, prompt_format))
     return f"wrote {out} (GGUF, float32)"
 
 
@@ -435,4 +437,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

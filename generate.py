@@ -3,6 +3,9 @@
     python generate.py --model_path=out/ckpt.pt --prompt="Once upon a time"
     python generate.py --model_path=out/instruct/ckpt.pt --verb=climb --noun=ring --adjective=messy --features=dialogue
     python generate.py --model_path=stories15M.pt --quantize=int8 --compile   # fastest on a CPU
+
+An instruct model is prompted as its data was (the prompt format its checkpoint or export
+records); --instruct and --prompt_encoding say it for a file made elsewhere.
 """
 import argparse
 import sys
@@ -11,8 +14,9 @@ import time
 import torch
 
 from checkpoint import load_model, load_tokenizer_for
-from cli import DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, torch_dtype
-from prompts import build_prompt, prompt_ids
+from cli import (DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, run_main,
+                 torch_dtype)
+from prompts import PROMPT_ENCODINGS, build_prompt, override_prompt_format, prompt_ids
 from quantize import quantize_int8
 
 
@@ -31,6 +35,7 @@ def build_parser():
     p.add_argument("--num_samples", type=int, default=1, help="sampled together as one batch")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
+    add_prompt_format_args(p)
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
@@ -40,6 +45,22 @@ def build_parser():
                         "the first compile takes 25-45 s on 2 cores (about 5 s with a warm inductor cache)")
     p.add_argument("--no_kv_cache", action="store_true", help="recompute the whole context each step")
     return p
+
+
+def add_prompt_format_args(p):
+    p.add_argument("--instruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the model's recorded prompt format: an instruct model reads the prompt, "
+                        "then BOS (default: as the checkpoint records; for files made elsewhere)")
+    p.add_argument("--prompt_encoding", choices=PROMPT_ENCODINGS,
+                   help="override how an instruct prompt is tokenized (implies --instruct)")
+
+
+def model_prompt_format(ckpt, instruct=None, encoding=None) -> dict:
+    """The checkpoint's prompt format (prompts.prompt_format), with --instruct/--prompt_encoding over it."""
+    try:
+        return override_prompt_format(ckpt.prompt_format, instruct, encoding)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_sampling_args(temperature, top_k, top_p, max_new_tokens=1, num_samples=1):
@@ -147,12 +168,18 @@ def main(argv=None):
         text = prompt_text(args)
         model, ckpt, tokenizer = load_for_sampling(args.model_path, args.tokenizer, args.device,
                                                    args.dtype, args.quantize)
-        ids = prompt_ids(tokenizer, text, ckpt.is_instruct, ckpt.prompt_encoding)
+        prompt_format = model_prompt_format(ckpt, args.instruct, args.prompt_encoding)
+        instruct = prompt_format["is_instruct"]
+        ids = prompt_ids(tokenizer, text, instruct, prompt_format["prompt_encoding"])
         check_prompt_length(model, [ids])  # before the prompt is echoed: a refused one prints nothing
+        room = model.args.max_seq_len - len(ids) + 1  # what model.generate leaves after the prompt
+        if room < args.max_new_tokens:
+            print(f"note: --max_new_tokens={args.max_new_tokens} is capped at {room}: the prompt takes {len(ids)} "
+                  f"of the model's {model.args.max_seq_len}-token context", file=sys.stderr)
         # a plain model's output continues the prompt, so show it; an instruct prompt is not story
-        shown = [] if ckpt.is_instruct else ids
+        shown = [] if instruct else ids
         stream = TextStream(tokenizer, shown) if args.num_samples == 1 else None
-        if stream and not ckpt.is_instruct and text:
+        if stream and not instruct and text:
             print(stream.text, end="", flush=True)
         start = time.perf_counter()
         samples = sample_stories(model, tokenizer, [ids] * args.num_samples, args.max_new_tokens,
@@ -175,4 +202,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -19,8 +19,9 @@ On-disk format, in {data_dir}/instruct{N}/, for every shard dataNN.json:
     dataNN.lengths.npy  int32, shape (n_examples, 2): [prompt_len, total_len] per row
 both ordinary .npy files (np.load(path, mmap_mode="r") maps them without copying), each
 written to a temporary name and renamed into place. Shard 00 is validation, the rest training.
-    meta.json           vocab_size, max_seq_len, prompt_style, prompt_encoding, tokenizer, bos_id,
-                        eos_id, shards,
+    meta.json           vocab_size, max_seq_len, prompt_style, prompt_format ({"is_instruct": true,
+                        "prompt_encoding": ...}: the record checkpoints and exports carry on),
+                        tokenizer, bos_id, eos_id, shards,
                         counts: examples kept (train/val), dropped_too_long, skipped per reason
 Training reads a row as x = row[:-1], y = row[1:], and ignores y[i] (-1) unless
 prompt_len <= i + 1 < total_len: the loss covers BOS, the story and EOS, never the prompt
@@ -32,9 +33,11 @@ from collections import Counter
 
 import numpy as np
 
-from cli import DataError, OneLineParser, atomic_write, positive_int, report_error, vocab_size_arg, write_json
+from cli import (DataError, OneLineParser, ToolError, UsageError, atomic_write, positive_int, report_error, run_main,
+                 vocab_size_arg, write_json)
 from data_paths import instruct_dir
-from prompts import PROMPT_ENCODINGS, PROMPT_STYLES, SKIP_REASONS, prompt_ids, record_prompt_and_story
+from prompts import (PROMPT_ENCODINGS, PROMPT_FORMAT_KEY, PROMPT_STYLES, SKIP_REASONS, prompt_format, prompt_ids,
+                     record_prompt_and_story)
 from shards import (ShardError, iter_json_records, list_shards, resolve_tokenizer, run_shard_jobs,
                     worker_peak_rss_mb, worker_tokenizer)
 
@@ -117,10 +120,19 @@ def prepare_instruct_data(data_dir, vocab_size, prompt_style="template", max_seq
     totals = Counter()
     for r in results:
         totals.update(r["counts"])
+    val_examples = results[0]["counts"].get("examples", 0)
+    if not val_examples or (len(results) > 1 and totals["examples"] == val_examples):
+        # no meta.json then: training refuses the folder in one line, not deep in a step
+        split = "validation (data00)" if not val_examples else "training (data01...)"
+        raise UsageError(f"prepare_instruct_data: {totals['records']} records -> {totals['examples']} examples, none "
+                         f"for {split} "
+                         f"({totals['dropped_too_long']} longer than --max_seq_len={max_seq_len} tokens, "
+                         f"{sum(v for k, v in totals.items() if k.startswith('skipped_'))} without a usable "
+                         f"instruction); raise --max_seq_len or check the shards")
     tok = Tokenizer(tokenizer_path)
     meta = {
         "vocab_size": tok.vocab_size, "max_seq_len": max_seq_len, "prompt_style": prompt_style,
-        "prompt_encoding": prompt_encoding,
+        PROMPT_FORMAT_KEY: prompt_format(True, prompt_encoding),  # travels into checkpoints and exports
         "tokenizer": os.path.abspath(tokenizer_path), "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": 0,
         "shards": stems, "val_shards": stems[:1],
         "records": totals["records"], "examples": totals["examples"],
@@ -160,7 +172,7 @@ def main(argv=None):
                                               args.prompt_encoding)
     except ShardError as exc:
         return report_error(DataError(f"prepare_instruct_data failed on shard {exc}"))
-    except (DataError, OSError) as exc:
+    except (ToolError, OSError) as exc:
         return report_error(exc)
     skipped = ", ".join(f"{reason} {n}" for reason, n in meta["skipped"].items())
     print(f"prepare_instruct_data: {meta['records']} records -> {meta['examples']} examples "
@@ -171,4 +183,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -143,3 +143,37 @@ def prompt_ids(tokenizer, text: str, instruct: bool, encoding: str = "story_word
         encoded = story_spelled_quotes(text) if encoding == "story_words" else text
         return tokenizer.encode(encoded) + [tokenizer.bos_id]
     return tokenizer.encode(text, bos=True)
+
+
+# The prompt format: the one record of how a model reads its prompt. It travels from the
+# instruct data's meta.json into every checkpoint's config and every export (the Hugging Face
+# config.json, GGUF metadata, a JSON file beside a llama2.c .bin), and the loader reads it back.
+# A plain model's prompt_encoding is None: its prompt is text to continue, never encoded apart.
+PROMPT_FORMAT_KEY = "prompt_format"
+
+
+def prompt_format(is_instruct: bool, prompt_encoding: Optional[str] = None) -> dict:
+    """{"is_instruct": bool, "prompt_encoding": one of PROMPT_ENCODINGS, or None when not instruct}."""
+    if not is_instruct:
+        return {"is_instruct": False, "prompt_encoding": None}
+    if prompt_encoding not in PROMPT_ENCODINGS:
+        raise ValueError(f"prompt_encoding {prompt_encoding!r}, expected one of {', '.join(PROMPT_ENCODINGS)}")
+    return {"is_instruct": True, "prompt_encoding": prompt_encoding}
+
+
+def read_prompt_format(record) -> dict:
+    """A prompt format as a file holds it, checked (ValueError saying what is wrong)."""
+    if not isinstance(record, dict) or not isinstance(record.get("is_instruct"), bool):
+        raise ValueError(f"prompt_format {record!r}, expected "
+                         f'{{"is_instruct": true or false, "prompt_encoding": ...}}')
+    return prompt_format(record["is_instruct"], record.get("prompt_encoding"))
+
+
+def override_prompt_format(record: dict, instruct: Optional[bool] = None, encoding: Optional[str] = None) -> dict:
+    """--instruct / --no-instruct and --prompt_encoding over what a file records, for files made
+    elsewhere. --prompt_encoding implies --instruct; --instruct alone on a file that records no
+    encoding reads the text plain, as the original instruct storyteller's checkpoints do."""
+    if encoding is not None and instruct is False:
+        raise ValueError("--prompt_encoding says how an instruct prompt is encoded: drop --no-instruct")
+    is_instruct = record["is_instruct"] if instruct is None else instruct
+    return prompt_format(is_instruct or encoding is not None, encoding or record["prompt_encoding"] or "plain")

@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 
-from cli import OneLineParser, UsageError, check_device, default_device, positive_int, report_error
+from cli import OneLineParser, UsageError, check_device, default_device, positive_int, report_error, run_main
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 MAX_BODY_BYTES = 256 * 1024
@@ -566,4 +566,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

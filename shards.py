@@ -13,7 +13,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
-from cli import DataError
+from cli import DataError, UsageError
 from data_paths import shards_dir, tokenizer_model_path
 
 
@@ -24,8 +24,8 @@ class ShardError(DataError):
 def list_shards(data_dir):
     shards = sorted(glob.glob(os.path.join(shards_dir(data_dir), "data*.json")))
     if not shards:
-        raise DataError(f"no dataNN.json shards in {shards_dir(data_dir)}: run "
-                        f"`python tinystories.py download --data_dir={data_dir}` (or make_demo) first")
+        raise UsageError(f"no dataNN.json shards in {shards_dir(data_dir)}: run "
+                         f"`python tinystories.py download --data_dir={data_dir}` (or make_demo) first")
     return shards
 
 
@@ -97,7 +97,8 @@ def run_shard_jobs(worker, jobs, workers, desc):
     results = []
     # spawn, not fork: callers may hold threads (tests, servers), which fork does not copy safely
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=context,
+                             initializer=_ignore_interrupts) as pool:
         futures = [pool.submit(worker, *job) for job in jobs]
         try:
             for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="shard"):
@@ -108,6 +109,13 @@ def run_shard_jobs(worker, jobs, workers, desc):
             for future in futures:
                 future.cancel()
     return results
+
+
+def _ignore_interrupts():
+    """Ctrl-C reaches every process of the terminal's group: the workers leave it to the parent,
+    which stops the pool and ends in one line, instead of each printing a traceback."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def worker_peak_rss_mb():
@@ -130,17 +138,17 @@ def resolve_tokenizer(data_dir, vocab_size, tokenizer_path=None):
     path = tokenizer_path or tokenizer_model_path(data_dir, vocab_size)
     if not os.path.isfile(path):
         if tokenizer_path:
-            raise DataError(f"tokenizer {path}: no such file (expected a sentencepiece .model)")
-        raise DataError(f"tokenizer {path} not found: run `python tinystories.py train_vocab "
-                        f"--vocab_size={vocab_size} --data_dir={data_dir}` first")
+            raise UsageError(f"tokenizer {path}: no such file (expected a sentencepiece .model)")
+        raise UsageError(f"tokenizer {path} not found: run `python tinystories.py train_vocab "
+                         f"--vocab_size={vocab_size} --data_dir={data_dir}` first")
     try:
         tok = Tokenizer(path)
     except TokenizerError as exc:
-        raise DataError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     if vocab_size and tok.vocab_size != vocab_size:
-        raise DataError(f"tokenizer {path} has {tok.vocab_size} tokens, not --vocab_size={vocab_size}")
+        raise UsageError(f"tokenizer {path} has {tok.vocab_size} tokens, not --vocab_size={vocab_size}")
     if tok.vocab_size > 65536:
-        raise DataError(f"tokenizer {path} has {tok.vocab_size} tokens, too many for uint16 shards")
+        raise UsageError(f"tokenizer {path} has {tok.vocab_size} tokens, too many for uint16 shards")
     return path
 
 

@@ -2,6 +2,7 @@
 a sentencepiece tokenizer on it and pretokenize it for pretraining.
 
     python tinystories.py download    [--data_dir=data] [--url=URL] [--sha256=HEX] [--retries=6]
+    python tinystories.py download_model stories15M|stories42M|stories110M|stories260K [--data_dir=data]
     python tinystories.py make_demo   [--data_dir=data] [--num_shards=4] [--stories_per_shard=5000] [--seed=1337]
     python tinystories.py train_vocab --vocab_size=N [--data_dir=data] [--num_shards=10]
     python tinystories.py pretokenize --vocab_size=N [--data_dir=data] [--workers=CPUS] [--tokenizer=PATH]
@@ -25,7 +26,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from cli import DataError, OneLineParser, atomic_write, file_sha256, positive_int, report_error, vocab_size_arg
+from cli import (DataError, OneLineParser, ToolError, UsageError, atomic_write, file_sha256, positive_int, report_error,
+                 run_main, vocab_size_arg)
 from data_paths import ARCHIVE_NAME, pretokenized_dir, shards_dir, tokenizer_model_path
 from demo_corpus import make_demo
 from prompts import record_prompt_and_story
@@ -78,9 +80,10 @@ def _iter_body(response, chunk_size=1 << 20):
         yield from response.iter_content(chunk_size=64 << 10)
 
 
-def download_file(url, dest, sha256=None, retries=6, backoff_s=1.0, timeout_s=60.0, sleep=time.sleep):
+def download_file(url, dest, sha256=None, retries=6, backoff_s=1.0, timeout_s=60.0, sleep=time.sleep, check=None):
     """Download url to dest via dest.part: resumes with HTTP Range, retries transient failures
-    with exponential backoff, checks the size and the sha256, renames only a verified file."""
+    with exponential backoff, checks the size, the sha256 and check(part) if given (which raises
+    DataError for a file that is not what was asked for), renames only a verified file."""
     import requests
     import urllib3
 
@@ -150,6 +153,12 @@ def download_file(url, dest, sha256=None, retries=6, backoff_s=1.0, timeout_s=60
             os.remove(part)
             raise DataError(f"download of {url}: sha256 {actual} does not match --sha256={sha256}; "
                             f"the file was deleted, check the checksum or the mirror and run again")
+    if check:
+        try:
+            check(part)
+        except DataError:
+            os.remove(part)
+            raise
     os.replace(part, dest)
     return dest
 
@@ -222,6 +231,76 @@ def cmd_download(args):
 
 
 # -----------------------------------------------------------------------------
+# download_model: llama2.c's published checkpoints and their tokenizers
+
+TINYLLAMAS_URL = "https://huggingface.co/karpathy/tinyllamas/resolve/main"
+LLAMA2_TOKENIZER_URL = "https://github.com/karpathy/llama2.c/raw/master/tokenizer.model"
+MODELS_URL_ENV_VAR = "TINYLLAMAS_URL"
+# name -> (files: (path under the base URL, or a full URL; local name), the shape the model must have)
+PUBLISHED_MODELS = {
+    "stories260K": ([("stories260K/stories260K.pt", "stories260K.pt"), ("stories260K/tok512.model", "tok512.model")],
+                    dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, max_seq_len=512)),
+    "stories15M": ([("stories15M.pt", "stories15M.pt"), (LLAMA2_TOKENIZER_URL, "tokenizer.model")],
+                   dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, max_seq_len=256)),
+    "stories42M": ([("stories42M.pt", "stories42M.pt"), (LLAMA2_TOKENIZER_URL, "tokenizer.model")],
+                   dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, max_seq_len=1024)),
+    "stories110M": ([("stories110M.pt", "stories110M.pt"), (LLAMA2_TOKENIZER_URL, "tokenizer.model")],
+                    dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000, max_seq_len=1024)),
+}
+
+
+def model_file_url(remote, base_url=None):
+    """A file's URL: under --base_url (a mirror holding every file by its name) if given, else
+    under tinyllamas on Hugging Face; the Llama 2 tokenizer comes from llama2.c's repository."""
+    if base_url:
+        return f"{base_url.rstrip('/')}/{remote.rsplit('/', 1)[-1] if '://' in remote else remote}"
+    return remote if "://" in remote else f"{TINYLLAMAS_URL}/{remote}"
+
+
+def check_published_model(path, name, shape):
+    """The loader reads it, and its shape is the published one (else DataError: a wrong file)."""
+    from checkpoint import CheckpointError, load_checkpoint
+    try:
+        args = load_checkpoint(path).model_args
+    except CheckpointError as exc:
+        raise DataError(f"downloaded {name}: {exc}") from None
+    found = {key: getattr(args, key) for key in shape}
+    if found != shape:
+        raise DataError(f"downloaded {name} has shape {found}, expected the published {shape}; "
+                        f"the file was deleted, check --base_url")
+
+
+def check_tokenizer(path, name, vocab_size):
+    from tokenizer import Tokenizer, TokenizerError
+    try:
+        found = Tokenizer(path).vocab_size
+    except TokenizerError as exc:
+        raise DataError(f"downloaded tokenizer for {name}: {exc}") from None
+    if found != vocab_size:
+        raise DataError(f"downloaded tokenizer for {name} has {found} tokens, expected {vocab_size}")
+
+
+def cmd_download_model(args):
+    files, shape = PUBLISHED_MODELS[args.name]
+    base_url = args.base_url or os.environ.get(MODELS_URL_ENV_VAR)
+    os.makedirs(args.data_dir, exist_ok=True)
+    written = []
+    for remote, local in files:
+        dest = os.path.join(args.data_dir, local)
+        written.append(dest)
+        if os.path.exists(dest):
+            print(f"{dest} already downloaded, skipping it")
+            continue
+        if local.endswith(".pt"):
+            check = lambda part: check_published_model(part, args.name, shape)  # noqa: E731
+        else:
+            check = lambda part: check_tokenizer(part, args.name, shape["vocab_size"])  # noqa: E731
+        download_file(model_file_url(remote, base_url), dest, retries=args.retries, backoff_s=args.backoff, check=check)
+    print(f"download_model: {args.name} in {written[0]}, its tokenizer in {written[1]}; try "
+          f"python generate.py --model_path={written[0]}")
+
+
+# -----------------------------------------------------------------------------
 # make_demo: the offline corpus of demo_corpus.py
 
 def cmd_make_demo(args):
@@ -265,7 +344,7 @@ def train_vocab(data_dir, vocab_size, num_shards, include_prompts=False):
         try:
             spm.SentencePieceTrainer.train(
                 input=text_path, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
-                self_test_sample_size=0, input_format="text", character_coverage=1.0,
+                input_format="text", character_coverage=1.0,
                 num_threads=os.cpu_count(), split_digits=True, allow_whitespace_only_pieces=True,
                 byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
                 minloglevel=2)
@@ -288,6 +367,10 @@ def cmd_train_vocab(args):
 # -----------------------------------------------------------------------------
 # pretokenize: one uint16 .bin per shard, shards in parallel
 
+class _NoStories(Exception):
+    pass
+
+
 def pretokenize_shard(shard_path, tokenizer_path, out_path, flush_tokens=1 << 16):
     """Tokenize one JSON shard into out_path, streaming records in and tokens out."""
     counts = {"stories": 0, "tokens": 0, "skipped": 0}
@@ -309,10 +392,15 @@ def pretokenize_shard(shard_path, tokenizer_path, out_path, flush_tokens=1 << 16
                     pending = []
             np.asarray(pending, dtype=np.uint16).tofile(f)
             counts["tokens"] += len(pending)
+            if not counts["stories"]:  # no 0-byte .bin: the caller refuses the shard instead
+                raise _NoStories
 
     shard = os.path.basename(shard_path)
     try:
         atomic_write(out_path, write)
+    except _NoStories:
+        if os.path.exists(out_path):  # an earlier run's tokens of this shard are not its tokens now
+            os.remove(out_path)
     except Exception as exc:
         raise ShardError(f"{shard}: {exc}") from None
     return {"shard": shard, **counts, "peak_rss_mb": worker_peak_rss_mb(), "cpu_s": time.process_time(),
@@ -326,8 +414,12 @@ def pretokenize(data_dir, vocab_size, workers, tokenizer_path=None):
     os.makedirs(out_dir, exist_ok=True)
     jobs = [(shard, tokenizer_path, os.path.join(out_dir, os.path.basename(shard).replace(".json", ".bin")))
             for shard in shards]
-    results = run_shard_jobs(pretokenize_shard, jobs, workers, desc="pretokenize")
-    return out_dir, sorted(results, key=lambda r: r["shard"])
+    results = sorted(run_shard_jobs(pretokenize_shard, jobs, workers, desc="pretokenize"), key=lambda r: r["shard"])
+    empty = [r["shard"] for r in results if not r["stories"]]
+    if empty:
+        raise UsageError(f"pretokenize: {', '.join(empty)} in {shards_dir(data_dir)} hold no record with a story "
+                         f"(expected a JSON list of {{\"story\": ...}}); no .bin written for them")
+    return out_dir, results
 
 
 def cmd_pretokenize(args):
@@ -374,6 +466,14 @@ def build_parser():
     p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubling (default 1)")
     p.set_defaults(func=cmd_download)
 
+    p = add("download_model", "download one of llama2.c's published models and its tokenizer into --data_dir")
+    p.add_argument("name", choices=sorted(PUBLISHED_MODELS), help="which model")
+    p.add_argument("--base_url", type=url_arg,
+                   help=f"mirror holding the files by name (default: ${MODELS_URL_ENV_VAR} or Hugging Face)")
+    p.add_argument("--retries", type=positive_int, default=6, help="retries per failure streak (default 6)")
+    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubling (default 1)")
+    p.set_defaults(func=cmd_download_model)
+
     p = add("make_demo", "write an offline demo corpus in the archive's format")
     p.add_argument("--num_shards", type=positive_int, default=4, help="shards to write (default 4)")
     p.add_argument("--stories_per_shard", type=positive_int, default=5000, help="default 5000")
@@ -402,13 +502,10 @@ def main(argv=None):
         parser.error("--vocab_size=0 needs --tokenizer=PATH (the Llama 2 tokenizer.model)")
     try:
         args.func(args)
-    except (DataError, OSError) as exc:  # OSError: disk full, permissions; the message names the file
+    except (ToolError, OSError) as exc:  # OSError: disk full, permissions; the message names the file
         return report_error(exc)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

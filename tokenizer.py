@@ -9,7 +9,7 @@ from typing import List
 
 from sentencepiece import SentencePieceProcessor
 
-from cli import OneLineParser, UsageError, atomic_write, report_error
+from cli import OneLineParser, UsageError, atomic_write, check_output, report_error, run_main
 
 
 class TokenizerError(UsageError):
@@ -60,20 +60,36 @@ class Tokenizer:
         atomic_write(path, write)
 
 
+def is_tokenizer_bin(path) -> bool:
+    """Whether path is a llama2.c tokenizer.bin (an earlier export, which --out may replace):
+    a max length, then (score, length, bytes) records that end exactly at the end of the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    pos = 4
+    while len(data) >= pos + 8:
+        pos += 8 + struct.unpack_from("<fI", data, pos)[1]
+    return len(data) > 4 and pos == len(data)
+
+
 def main(argv=None):
     parser = OneLineParser(description="Export a sentencepiece model to llama2.c's tokenizer.bin")
     parser.add_argument("--tokenizer", required=True, help="path to a sentencepiece .model")
     parser.add_argument("--out", help="output path (default: the model path with .bin)")
+    parser.add_argument("--force", action="store_true", help="let --out replace a file that is not a tokenizer.bin")
     args = parser.parse_args(argv)
+    out = args.out or os.path.splitext(args.tokenizer)[0] + ".bin"
     try:
         tok = Tokenizer(args.tokenizer)
-    except TokenizerError as exc:
+        check_output(out, f"--out={out}", args.force, ours=is_tokenizer_bin, inputs=[args.tokenizer])
+    except UsageError as exc:
         return report_error(exc)
-    out = args.out or os.path.splitext(args.tokenizer)[0] + ".bin"
     tok.export(out)
     print(f"wrote {out} ({tok.vocab_size} tokens)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

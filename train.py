@@ -27,10 +27,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 from checkpoint import load_checkpoint, model_args_dict, save_checkpoint
-from cli import (DTYPE_NAMES, ToolError, UsageError, atomic_write, bf16_supported, default_device, lock_folder,
-                 remove_stale_temp_files, report_error, torch_dtype)
+from cli import (DTYPE_NAMES, ToolError, UsageError, atomic_write, bf16_supported, check_device, check_output,
+                 default_device, lock_folder, remove_stale_temp_files, report_error, run_main, torch_dtype)
 from data_paths import vocab_source
-from dataset import BatchSampler, data_prompt_encoding, default_tokenizer, fixed_batches, open_dataset
+from dataset import BatchSampler, data_prompt_format, default_tokenizer, fixed_batches, open_dataset
 from metrics import MetricsLog, peak_flops, plot_losses
 from model import ModelArgs, Transformer
 
@@ -38,6 +38,7 @@ DEFAULTS = dict(
     # I/O
     out_dir="out", eval_interval=2000, log_interval=1, eval_iters=100,
     init_from="scratch",  # scratch | resume (from out_dir/last.pt) | path of any checkpoint
+    force=False,  # start a new run in an out_dir that holds one: its checkpoints are replaced (nothing else)
     # data
     dataset="pretrain",  # pretrain: random windows of the token shards; instruct: one example a row
     data_dir="data", batch_size=128, max_seq_len=256,
@@ -54,8 +55,8 @@ DEFAULTS = dict(
     device=default_device(),
     dtype="bfloat16" if bf16_supported() else ("float16" if torch.cuda.is_available() else "float32"),
     # torch.compile: on wherever it can work (CUDA, or a C++ compiler for the CPU backend). Measured on
-    # the 2-core CPU, stories15M shape: a compiled bf16 step 1.6x faster than eager, after ~40-60 s of
-    # compiling (docs/benchmarks.md); short runs of tiny models should pass compile=False
+    # the 2-core CPU, stories15M shape: a compiled bf16 step 1.21x faster than bf16 eager (1.83x float32
+    # eager), after ~40-60 s of compiling (docs/benchmarks.md); short runs of tiny models should pass compile=False
     compile=torch.cuda.is_available() or shutil.which("g++") is not None or shutil.which("c++") is not None,
     seed=1337,
     peak_flops=0.0,  # for MFU; 0: the GPU's datasheet bf16 peak, or a matmul measured on the CPU
@@ -64,6 +65,8 @@ DEFAULTS = dict(
 )
 # what a run writes in out_dir (lock_out_dir removes their temporaries that a killed run left)
 TRAINING_OUTPUTS = ("last.pt", "best.pt", "ckpt.pt", "adapter.pt", "metrics.jsonl", "loss.png")
+RUN_CHECKPOINTS = ("last.pt", "best.pt", "ckpt.pt", "adapter.pt")  # an out_dir holding one holds a run
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_size")
 CHOICES = {"dataset": ("pretrain", "instruct"), "vocab_source": ("llama2", "custom"), "dtype": DTYPE_NAMES}
 
 
@@ -87,8 +90,7 @@ def check_values(cfg):
         raise UsageError("max_iters, warmup_iters and lr_decay_iters must be >= 0")
     if not 0.0 <= cfg["dropout"] < 1.0:
         raise UsageError(f"dropout={cfg['dropout']}: expected a number in [0, 1)")
-    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device={cfg['device']}: no CUDA device here (use device=cpu)")
+    check_device(cfg["device"])
     if cfg["dtype"] == "bfloat16" and not bf16_supported():
         raise UsageError("dtype=bfloat16: not supported on this hardware (use float32 or float16)")
 
@@ -185,7 +187,7 @@ def open_training_data(cfg, args: ModelArgs):
     train_data = open_dataset(cfg, "train", args.max_seq_len)
     val_data = open_dataset(cfg, "val", args.max_seq_len)
     cfg["max_seq_len"], cfg["tokenizer"] = train_data.seq_len, cfg["tokenizer"] or default_tokenizer(cfg)
-    cfg["prompt_encoding"] = data_prompt_encoding(cfg)
+    cfg["prompt_format"] = data_prompt_format(cfg)
     return train_data, val_data
 
 
@@ -223,10 +225,12 @@ def all_reduce(tensor, procs, op=dist.ReduceOp.SUM):
 class StopRequest:
     """The first Ctrl-C (SIGINT) only asks the loop to stop after the iteration it is in, so the
     checkpoint it then writes never holds a step whose iteration was not counted; a second
-    Ctrl-C interrupts at once."""
+    Ctrl-C interrupts at once, except while a step is applied and counted (applying). Under
+    torchrun a second SIGINT is torchrun forwarding the same Ctrl-C to its workers: it changes
+    nothing, so every process still stops after the same step (torchrun kills what lingers)."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, ddp=False):
+        self.requested, self.ddp, self.applying = False, ddp, False
         self.previous = signal.getsignal(signal.SIGINT)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self.handle)
@@ -234,13 +238,44 @@ class StopRequest:
             self.previous = None
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested and not self.ddp and not self.applying:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = True  # while applying: the loop stops as soon as the step is counted
 
     def close(self):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+
+
+def check_out_dir(cfg):
+    """cli.check_output's rule for out_dir, before any work: a folder holding a run is continued
+    (init_from=resume) or kept; only force starts a new run there, and replaces only the run's
+    own files (TRAINING_OUTPUTS). A file, or a place that cannot be written, is refused."""
+    out_dir, resuming = cfg["out_dir"], cfg["init_from"] == "resume"
+    held = [name for name in RUN_CHECKPOINTS if os.path.isfile(os.path.join(out_dir, name))]
+    source = cfg["init_from"] if os.path.isfile(cfg["init_from"]) else None
+    if cfg["force"] and source and any(os.path.samefile(source, os.path.join(out_dir, name)) for name in held):
+        raise UsageError(f"init_from={source}: is one of the files --force would replace in out_dir={out_dir}; "
+                         f"copy it elsewhere first, or train into another out_dir")
+    check_output(out_dir, f"out_dir={out_dir}", cfg["force"], ours=lambda path: resuming or not held, folder=True,
+                 hint=f"it holds a training run ({', '.join(held)}): continue it with --init_from=resume, train "
+                      f"into another out_dir, or pass --force to start over (replaces only the run's own files)")
+
+
+def remove_previous_run(out_dir):
+    """force: the run being replaced leaves none of its files to be mistaken for the new run's."""
+    for name in TRAINING_OUTPUTS:
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def note_ignored_shape(cfg, args, source):
+    """A checkpoint's shape wins over shape settings; name those set to something else on stderr."""
+    ignored = [f"{k}={cfg[k]}" for k in SHAPE_KEYS if cfg[k] != DEFAULTS[k] and cfg[k] != getattr(args, k)]
+    if ignored:
+        kept = ", ".join(f"{k}={getattr(args, k)}" for k in SHAPE_KEYS)
+        print(f"note: {', '.join(ignored)} ignored: the model from {source} keeps its shape ({kept})",
+              file=sys.stderr)
 
 
 def lock_out_dir(out_dir):
@@ -302,12 +337,18 @@ def train(config, recipe=None) -> dict:
     autocast = nullcontext() if cfg["dtype"] == "float32" else torch.autocast(device_type, dtype=torch_dtype(cfg["dtype"]))
     out_dir, last_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "last.pt")
 
+    if procs.master:
+        check_out_dir(cfg)
     lock = lock_out_dir(out_dir) if procs.master else None
     if cfg["deterministic"]:
         torch.use_deterministic_algorithms(True)
     resume = load_resume_point(last_path) if cfg["init_from"] == "resume" else None
     torch.manual_seed(cfg["seed"])  # the same initial weights in every process
     model = recipe.build(cfg, resume)
+    if cfg["init_from"] != "scratch":
+        note_ignored_shape(cfg, model.args, last_path if resume else cfg["init_from"])
+    if procs.master and cfg["force"] and not resume:
+        remove_previous_run(out_dir)
     train_data, val_data = open_training_data(cfg, model.args)
     model.to(cfg["device"])
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)
@@ -331,12 +372,13 @@ def train(config, recipe=None) -> dict:
               f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     metrics = MetricsLog(out_dir, resume_from=iter_num if resume else None, enabled=procs.master)
 
-    def save_last(loader_state):
-        """last.pt: everything a resume needs to repeat the run from iter_num on."""
+    def save_last(loader_state, evaluated):
+        """last.pt: everything a resume needs to repeat the run from iter_num on, and whether
+        iter_num's evaluation already ran (a Ctrl-C save can land on an eval boundary before it)."""
         save_checkpoint(last_path, {
             "kind": "project", **recipe.checkpoint_weights(model), "model_args": model_args_dict(model.args),
             "config": cfg, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
-            "best_val_loss": best_val_loss, "loader_state": loader_state})
+            "best_val_loss": best_val_loss, "loader_state": loader_state, "evaluated": evaluated})
         recipe.after_save(model, cfg, last_path, False)
 
     def last_good():
@@ -344,13 +386,15 @@ def train(config, recipe=None) -> dict:
 
     from tqdm import tqdm
     bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not procs.master, dynamic_ncols=True, leave=False)
-    stop = StopRequest()
+    stop = StopRequest(procs.ddp)
     last_loss, t_start = float("nan"), time.time()
+    # a last.pt from before the record does not say: evaluate again rather than maybe never
+    evaluated_iter = iter_num if resume and resume.extra.get("evaluated", False) else None
     try:
         while True:
             loader_state = sampler.get_state()  # where this iteration's rows come from
             due = iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]
-            if due and not (resume and iter_num == start_iter):
+            if due and evaluated_iter != iter_num:
                 t0 = time.time()
                 losses = estimate_losses(model, eval_sets, cfg, procs, autocast)
                 if not all(map(math.isfinite, losses.values())):
@@ -364,10 +408,11 @@ def train(config, recipe=None) -> dict:
                     bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     is_best = losses["val"] < best_val_loss
                     best_val_loss = min(best_val_loss, losses["val"])
-                    save_last(loader_state)
+                    save_last(loader_state, evaluated=True)
                     if is_best:
                         save_best(out_dir, last_path)
                         recipe.after_save(model, cfg, os.path.join(out_dir, "best.pt"), True)
+                evaluated_iter = iter_num
             if iter_num >= cfg["max_iters"]:
                 break
             t0, lr = time.time(), get_lr(iter_num, cfg)
@@ -377,10 +422,12 @@ def train(config, recipe=None) -> dict:
             if not math.isfinite(last_loss):
                 raise TrainingError(f"loss is {last_loss} at iter {iter_num}: stopped before applying that "
                                     f"step; the last good checkpoint is {last_good()}")
+            stop.applying = True  # no interrupt between the weights moving and the iteration counted
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
+            stop.applying = False
             bar.update(1)
             if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
                 dt = time.time() - t0
@@ -396,7 +443,7 @@ def train(config, recipe=None) -> dict:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if procs.master:  # the state at the start of iteration iter_num: resume repeats it exactly
-            save_last(loader_state)
+            save_last(loader_state, evaluated=evaluated_iter == iter_num)
             bar.write(f"interrupted at iter {iter_num}: saved {last_path} (continue with --init_from=resume)")
         raise
     finally:
@@ -443,8 +490,17 @@ def train_step(train_model, sampler, optimizer, scaler, params, lr, cfg, accum, 
 
 
 def main(argv=None, defaults=DEFAULTS, recipe=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if configurator.wants_help(argv):  # the docstring of the script run: train.py or finetune_lora.py
+        doc = sys.modules[type(recipe).__module__].__doc__ if recipe else __doc__
+        print(configurator.settings_help(doc, defaults, CHOICES))
+        return 0
+    new_out_dir = None  # an out_dir this run creates: removed again if the run fails before writing to it
     try:
-        train(parse_settings(sys.argv[1:] if argv is None else argv, defaults), recipe)
+        cfg = parse_settings(argv, defaults)
+        new_out_dir = None if os.path.lexists(cfg["out_dir"]) or int(os.environ.get("RANK", 0)) else cfg["out_dir"]
+        train(cfg, recipe)
+        new_out_dir = None
         return 0
     except ToolError as exc:  # bad settings, data or checkpoints: 2; a run that had to stop: 1
         return report_error(exc)
@@ -453,9 +509,14 @@ def main(argv=None, defaults=DEFAULTS, recipe=None):
     except ValueError as exc:  # a model shape that does not divide (ModelArgs), bad LoRA settings
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the loop has said what it saved; before the loop nothing was written
+        print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if new_out_dir and os.path.isdir(new_out_dir) and os.listdir(new_out_dir) == [".lock"]:
+            os.remove(os.path.join(new_out_dir, ".lock"))
+            os.rmdir(new_out_dir)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -1,7 +1,15 @@
 """Training throughput, LoRA against full fine-tuning, and memory over long runs.
 
     python bench/training.py                            # the CPU figures of docs/benchmarks.md
+    python bench/training.py --skip=throughput,lora,memory   # only the demo's steps (docs/finetuning.md)
     python bench/training.py --device=cuda --shape=110M # MFU of stories110M, bf16 + compile, on a GPU
+
+Demo steps: the shape of `make demo` and `make demo-finetune` (dim 128, 4 layers, vocab 1024,
+batch 16, float32 eager, as configs/demo_*.py train), side by side in alternating rounds: a full
+step on the base's pretraining rows (16 x 192, every position scored), and on instruct rows (16 x
+160, a 50-token prompt and rows of 110-160 tokens, so about half the positions scored, as in the
+demo data), the demo's LoRA step on the same instruct rows, and the floor of any adapter that
+reaches the embedding: every weight frozen, gradients still through every layer.
 
 CPU: tokens/s of the stories15M shape (vocab 4096, batch 8 x 256) in float32 eager against
 bfloat16 autocast (eager and compiled), measured in alternating rounds so that a busy machine
@@ -112,6 +120,69 @@ def lora_vs_full(batch, seq, vocab, steps, rounds):
         print(f"  {name:22s} {best[name] * 1000:7.0f} ms/step, {trained:,} trained parameters")
 
 
+def demo_model(lora=False):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, multiple_of=32, vocab_size=1024,
+                                  max_seq_len=192))
+    if lora:  # configs/demo_lora.py's adapters
+        apply_lora(model, "wq,wk,wv,wo,tok_embeddings", rank=8, alpha=16.0)
+    return model
+
+
+def no_weight_gradients(model):
+    """Every weight frozen; the first layer's input still asks for a gradient, so backward runs
+    through every layer as it must for an adapter on the embedding, minus every weight gradient."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.layers[0].register_forward_pre_hook(lambda module, args: (args[0].detach().requires_grad_(),) + args[1:])
+    return model
+
+
+def demo_rows(instruct):
+    g = torch.Generator().manual_seed(0)
+    width = 160 if instruct else 192
+    x, y = torch.randint(3, 1024, (16, width), generator=g), torch.randint(3, 1024, (16, width), generator=g)
+    if instruct:  # prompt positions and each row's padding carry no target
+        ends = torch.randint(110, width + 1, (16,), generator=g)
+        ends[0] = width  # a batch is cut to its longest row
+        for row, end in enumerate(ends.tolist()):
+            y[row, :50], y[row, end:] = -1, -1
+    return x, y
+
+
+def demo_steps(steps, rounds):
+    pretrain, instruct = demo_rows(False), demo_rows(True)
+    variants = {"full step, pretraining rows 16x192": (demo_model(), pretrain),
+                "full step, instruct rows": (demo_model(), instruct),
+                "LoRA step (demo_lora), instruct rows": (demo_model(lora=True), instruct),
+                "no weight gradients, instruct rows": (no_weight_gradients(demo_model()), instruct)}
+    runs = {}
+    for name, (model, (x, y)) in variants.items():
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu") if params else None
+
+        def step(x, y, model=model, params=params, optimizer=optimizer):
+            _, loss = model(x, y)
+            loss.backward()
+            if optimizer is not None:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        step(x, y)
+        runs[name] = (step, x, y)
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, (step, x, y) in runs.items():
+            best[name] = min(best[name], timed(step, x, y, steps, "cpu"))
+    scored = (instruct[1] != -1).float().mean().item()
+    print(f"\nthe demo's steps (dim 128, 4 layers, vocab 1024, batch 16, float32 eager, {torch.get_num_threads()} "
+          f"threads; instruct rows {scored:.0%} scored), best of {rounds} alternating rounds:")
+    reference = best["full step, instruct rows"]
+    for name, seconds in best.items():
+        print(f"  {name:38s} {seconds * 1000:6.1f} ms/step  {seconds / reference:4.2f}x the full step on instruct rows")
+    return best
+
+
 MEM_RUN = """
 import resource, sys
 sys.path.insert(0, {root!r})
@@ -141,7 +212,7 @@ def memory_runs(shard_tokens):
             label = "pages released after each batch (train.py)" if not no_release else "same, page release disabled"
             peaks = []
             for iters in (100, 1000):
-                code = MEM_RUN.format(root=ROOT, data=tmp, out=os.path.join(tmp, f"out{iters}"), iters=iters, no_release=no_release)
+                code = MEM_RUN.format(root=ROOT, data=tmp, out=os.path.join(tmp, f"out{iters}_{no_release}"), iters=iters, no_release=no_release)
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                       env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -181,7 +252,7 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="timed steps per round (cpu 4, cuda 20)")
     p.add_argument("--rounds", type=int, default=3, help="cpu: alternating rounds; the best round counts")
     p.add_argument("--no_compile", action="store_true", help="cpu: skip the compiled variant (slow to compile)")
-    p.add_argument("--skip", default="", help="cpu: comma-separated parts to skip: throughput,lora,memory")
+    p.add_argument("--skip", default="", help="cpu: comma-separated parts to skip: demo,throughput,lora,memory")
     p.add_argument("--shard_tokens", type=int, default=64 * 2 ** 20, help="tokens per memory-test shard")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}", flush=True)
@@ -191,6 +262,8 @@ def main():
         gpu_mfu(args.shape or "110M", batch=16, seq=1024, steps=args.steps or 20)
         return
     skip = set(args.skip.split(","))
+    if "demo" not in skip:
+        demo_steps(args.steps or 5, args.rounds)
     if "throughput" not in skip:
         print("throughput (warm-up first):", flush=True)
         cpu_throughput(8, 256, 4096, args.steps or 4, args.rounds, not args.no_compile)

@@ -8,7 +8,7 @@
 #   python finetune_lora.py configs/demo_lora.py --init_from=out/demo/base/ckpt.pt
 dataset, data_dir, out_dir = "instruct", "data", "out/demo/lora"
 max_seq_len = 192
-lora_rank, lora_alpha = 8, 16.0
+lora_rank, lora_alpha, lora_rslora = 8, 16.0, True  # scaling 16 / sqrt(8) = 5.7
 lora_targets = "wq,wk,wv,wo,tok_embeddings"
 batch_size, gradient_accumulation_steps = 16, 1
 learning_rate, max_iters, warmup_iters = 1e-2, 1500, 50

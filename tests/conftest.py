@@ -6,15 +6,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+TEST_DATA = os.path.join(ROOT, "tests", "data")  # shipped with the repo: see its SOURCES.md
 
 
 @pytest.fixture
 def shared_data():
-    """Path of ../shared/data, the real stories260K artefacts; skips where it is absent."""
-    if not os.path.isfile(os.path.join(SHARED_DATA, "stories260K.pt")):
-        pytest.skip("../shared/data (real stories260K model) is not present beside this checkout")
-    return SHARED_DATA
+    """Path of tests/data, the real stories260K artefacts (model, tokenizer, real stories)."""
+    return TEST_DATA
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -97,10 +97,7 @@ def merged_by_hand(state, alpha, rank_from_file=None):
 
 @pytest.fixture
 def seed_file(shared_data):
-    path = os.path.join(shared_data, "seed_format_lora260K.pt")
-    if not os.path.isfile(path):
-        pytest.skip("../shared/data/seed_format_lora260K.pt is not present")
-    return path
+    return os.path.join(shared_data, "seed_format_lora260K.pt")
 
 
 def test_seed_format_file_needs_its_model_args_allow_listed(seed_file):
@@ -328,3 +325,20 @@ def test_adapter_naming_itself_as_its_base_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="names itself") as info:
         load_checkpoint(path)
     assert_one_line_error(path, info)
+
+
+def test_shipped_test_data_is_what_its_sources_say(shared_data):
+    """Every file in tests/data is listed in its SOURCES.md, with the sha256 it has."""
+    import hashlib
+    import re
+    with open(os.path.join(shared_data, "SOURCES.md"), encoding="utf-8") as f:
+        sources = f.read()
+    sums = dict(re.findall(r"^- (\S+) ([0-9a-f]{64})$", sources, flags=re.M))
+    for name in sorted(os.listdir(shared_data)):
+        if name == "SOURCES.md":
+            continue
+        assert f"| {name} |" in sources, name
+        if name in sums:
+            with open(os.path.join(shared_data, name), "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == sums[name], name
+    assert {"stories260K.pt", "stories260K.bin", "tok512.model", "tok512.bin"} <= set(sums)

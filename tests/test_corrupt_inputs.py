@@ -80,7 +80,8 @@ def write_every_format(folder):
     os.makedirs(hf)
     save_file(export.hf_state_dict(args, state), os.path.join(hf, "model.safetensors"))
     with open(os.path.join(hf, "config.json"), "w") as f:
-        json.dump(export.hf_config(args, SimpleNamespace(bos_id=1, eos_id=2)), f)
+        plain = {"is_instruct": False, "prompt_encoding": None}
+        json.dump(export.hf_config(args, SimpleNamespace(bos_id=1, eos_id=2), plain), f)
     files["hf/model.safetensors"] = os.path.join(hf, "model.safetensors")
     return {name: (path, load_checkpoint(path if not name.startswith("hf/") else hf).state_dict)
             for name, path in files.items()}

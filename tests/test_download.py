@@ -43,7 +43,8 @@ def demo_archive(tmp_path_factory):
 
 
 class FlakyServer:
-    """Serves one payload; each behaviour applies to the first requests only, then it is well."""
+    """Serves one payload (or a {path: payload} dict, 404 for other paths); each behaviour applies
+    to the first requests only, then it is well."""
 
     def __init__(self, payload, fail_first=0, fail_status=503, drop_first_after=None,
                  honour_range=True, status_override=None):
@@ -64,7 +65,8 @@ class FlakyServer:
                 server.handle(self)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{ARCHIVE_PATH}"
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = self.base_url + ARCHIVE_PATH
         # a short poll interval keeps shutdown() quick at teardown
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
                                        daemon=True)
@@ -73,6 +75,11 @@ class FlakyServer:
     def handle(self, handler):
         range_header = handler.headers.get("Range")
         n = len(self.requests)
+        payload = self.payload.get(handler.path) if isinstance(self.payload, dict) else self.payload
+        if payload is None:
+            self.requests.append((range_header, 404))
+            handler.send_error(404)
+            return
         if self.status_override:
             self.requests.append((range_header, self.status_override))
             handler.send_error(self.status_override)
@@ -83,14 +90,14 @@ class FlakyServer:
             return
         start = 0
         match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
-        if match and self.honour_range and int(match.group(1)) < len(self.payload):
+        if match and self.honour_range and int(match.group(1)) < len(payload):
             start = int(match.group(1))
             handler.send_response(206)
-            handler.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
+            handler.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
         else:
             handler.send_response(200)
         self.requests.append((range_header, 206 if start else 200))
-        body = self.payload[start:]
+        body = payload[start:]
         handler.send_header("Content-Length", str(len(body)))
         handler.send_header("Content-Type", "application/gzip")
         handler.end_headers()
@@ -281,3 +288,54 @@ def test_symlink_inside_the_target_is_allowed(tmp_path):
     target = tmp_path / "TinyStories_all_data"
     tinystories.unpack_archive(str(archive), str(target))
     assert (target / "alias.json").read_bytes() == b"[]"
+
+
+# ---- download_model -----------------------------------------------------------------------------
+
+TEST_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def stories260K_files():
+    return {f"/stories260K/{name}": open(os.path.join(TEST_DATA, name), "rb").read()
+            for name in ("stories260K.pt", "tok512.model")}
+
+
+def test_download_model_fetches_a_published_model_resumably_and_checks_it(tmp_path, serve, capsys):
+    """download_model stories260K from a mirror that drops the first connection: resumed with
+    Range, both files land checked, the model loads with its tokenizer, a second run asks nothing."""
+    files = stories260K_files()
+    server = serve(files, drop_first_after=100_000)
+    data_dir = tmp_path / "models"
+    assert tinystories.main(["download_model", "stories260K", f"--base_url={server.base_url}",
+                             f"--data_dir={data_dir}", "--backoff=0.01"]) == 0
+    for path, payload in files.items():
+        assert (data_dir / os.path.basename(path)).read_bytes() == payload
+    assert server.requests[1][0] == "bytes=100000-"  # resumed where the connection dropped
+    assert sorted(os.listdir(data_dir)) == ["stories260K.pt", "tok512.model"]
+    from checkpoint import find_tokenizer, load_checkpoint
+    assert find_tokenizer(load_checkpoint(str(data_dir / "stories260K.pt"))) == str(data_dir / "tok512.model")
+    n = len(server.requests)
+    assert tinystories.main(["download_model", "stories260K", f"--base_url={server.base_url}",
+                             f"--data_dir={data_dir}"]) == 0
+    assert len(server.requests) == n and "already downloaded" in capsys.readouterr().out
+
+
+def test_download_model_refuses_a_wrong_file_and_keeps_nothing(tmp_path, serve, capsys):
+    files = stories260K_files()
+    files["/stories260K/stories260K.pt"] = open(os.path.join(TEST_DATA, "seed_format_lora260K.pt"), "rb").read()[:5000]
+    server = serve(files)
+    data_dir = tmp_path / "models"
+    assert tinystories.main(["download_model", "stories260K", f"--base_url={server.base_url}",
+                             f"--data_dir={data_dir}"]) == 1
+    assert "stories260K" in error_lines(capsys.readouterr().err)
+    assert os.listdir(data_dir) == []
+
+
+def test_published_model_urls():
+    """Without a mirror: tinyllamas on Hugging Face, the Llama 2 tokenizer from llama2.c."""
+    assert tinystories.model_file_url("stories15M.pt") == \
+        "https://huggingface.co/karpathy/tinyllamas/resolve/main/stories15M.pt"
+    assert tinystories.model_file_url(tinystories.LLAMA2_TOKENIZER_URL, "http://127.0.0.1:1/m") == \
+        "http://127.0.0.1:1/m/tokenizer.model"
+    for name, (files, shape) in tinystories.PUBLISHED_MODELS.items():
+        assert files[0][1] == f"{name}.pt" and shape["vocab_size"] in (512, 32000)

@@ -177,3 +177,47 @@ def test_compare_scores_checkpoints_alike_side_by_side(shared_data, tmp_path):
 
     both = run_cli(f"--model_path={other}", "--compare", str(other), "--data=x.txt")
     assert both.returncode == 2 and len(both.stderr.strip().splitlines()) == 1
+
+
+def test_a_noun_counts_in_its_english_plural_only():
+    """hat must not match "hates" (nor car "cares", star "stares", pan "panes")."""
+    for noun, wrong in [("hat", "hates"), ("car", "cares"), ("star", "stares"), ("pan", "panes")]:
+        assert not score_story(f"She {wrong} it.", Request("go", noun, "red"))["noun_used"], noun
+        assert score_story(f"Two {noun}s.", Request("go", noun, "red"))["noun_used"], noun
+    for noun, plural in [("box", "boxes"), ("dish", "dishes"), ("berry", "berries"), ("leaf", "leaves"),
+                         ("knife", "knives"), ("potato", "potatoes"), ("piano", "pianos"), ("key", "keys")]:
+        assert score_story(f"Two {plural}.", Request("go", noun, "red"))["noun_used"], noun
+
+
+def test_a_word_in_both_lists_counts_for_the_role_asked_for():
+    """watch, rock, brush...: asked as a noun, the verb's -ed and -ing forms do not count."""
+    shared = sorted(set(demo_corpus.DEMO_NOUNS) & set(demo_corpus.DEMO_VERBS))
+    assert shared, "the demo lists share no word: this test has nothing left to check"
+    for word in shared:
+        verb_only = demo_corpus.verb_forms(word) - evaluate.noun_forms(word)
+        assert len(verb_only) == 2, (word, verb_only)  # -ed and -ing
+        for form in verb_only:
+            assert not score_story(f"Tom {form} it.", Request("go", word, "red"))["noun_used"], form
+            assert score_story(f"Tom {form} it.", Request(word, "cup", "red"))["verb_used"], form
+
+
+def test_compare_asks_every_model_the_same_token_sequences(shared_data, tmp_path, monkeypatch):
+    """A plain base and its instruct fine-tune (story_words) are scored on the same prompt ids."""
+    from checkpoint import save_checkpoint
+    from model import Transformer
+    base = os.path.join(shared_data, "stories260K.pt")
+    obj = torch.load(base, weights_only=True)
+    tuned = str(tmp_path / "tuned.pt")
+    config = {**obj["config"], "dataset": "instruct", "prompt_encoding": "story_words"}
+    save_checkpoint(tuned, {**obj, "config": config})
+    seen, real = [], Transformer.generate
+
+    def recording(self, prompt, *args, **kwargs):
+        seen.append(prompt.tolist())
+        return real(self, prompt, *args, **kwargs)
+    monkeypatch.setattr(Transformer, "generate", recording)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"verb": "play", "noun": "ball", "adjective": "red"}\n')
+    assert evaluate.main(["--compare", base, tuned, f"--prompts_file={prompts}", "--max_new_tokens=3",
+                          f"--tokenizer={shared_data}/tok512.model", "--device=cpu"]) == 0
+    assert len(seen) == 2 and seen[0] == seen[1]

@@ -467,8 +467,9 @@ def test_hf_folder_overwrite_and_force(gqa_checkpoint, tmp_path, capsys):
     one_line_error(capsys)
     assert os.listdir(out) == ["stale.txt"]
     assert run_export(f"--checkpoint={gqa_checkpoint}", "--format=hf", f"--out={out}", "--force") == 0
-    assert "stale.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
-    assert sorted(os.listdir(tmp_path)) == ["hf", "random.pt"]  # temp and old folders gone
+    # --force replaces the export's own files only: the user's file stays
+    assert (out / "stale.txt").read_text() == "old" and "model.safetensors" in os.listdir(out)
+    assert sorted(os.listdir(tmp_path)) == ["hf", "random.pt"]  # no temporary folder left
 
 
 def test_failed_hf_export_leaves_nothing(gqa_checkpoint, tmp_path, monkeypatch):
@@ -537,4 +538,4 @@ def test_checkpoint_missing_a_weight_is_refused_before_writing(gqa_checkpoint, t
 def test_output_folder_is_created(gqa_checkpoint, tmp_path):
     out = tmp_path / "new" / "sub" / "model.bin"
     assert run_export(f"--checkpoint={gqa_checkpoint}", "--format=llama2c-q8", f"--out={out}") == 0
-    assert sorted(os.listdir(out.parent)) == ["model.bin", "tiny.bin"]
+    assert sorted(os.listdir(out.parent)) == ["model.bin", "model.bin.json", "tiny.bin"]

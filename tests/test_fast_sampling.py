@@ -76,7 +76,8 @@ def test_int8_stories260K_keeps_the_greedy_story_and_logits_close(shared_data, c
     # every matmul is int8 (the classifier too), and stories260K's w2 (172 inputs, not a
     # multiple of 16) is the one shape that falls back, said once
     linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    assert len(linears) == 5 * 4 + 1  # wqkv, wo, w13, w2 in 5 layers; the classifier and all(m.weight.dtype == torch.int8 for m in linears)
+    assert len(linears) == 5 * 4 + 1  # wqkv, wo, w13, w2 in 5 layers; the classifier
+    assert all(m.weight.dtype == torch.int8 for m in linears)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert [m.in_features for m in linears if not m.use_kernel] == [172] * 5
     err = capsys.readouterr().err.strip().splitlines()

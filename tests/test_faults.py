@@ -64,6 +64,141 @@ def test_ctrl_c_inside_the_optimizer_step_does_not_repeat_a_batch(pretrain_dir, 
     assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut"))
 
 
+def saved_files(out_dir):
+    """ckpt.pt, best.pt and last.pt as dicts, less the settings (out_dir, init_from differ)."""
+    files = {}
+    for name in ("ckpt.pt", "best.pt", "last.pt"):
+        obj = torch.load(os.path.join(out_dir, name), weights_only=True)
+        obj.pop("config")
+        files[name] = obj
+    return files
+
+
+def assert_same_contents(a, b, where=""):
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_contents(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_contents(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_ctrl_c_on_an_eval_boundary_then_resume_writes_the_same_files(pretrain_dir, tmp_path, monkeypatch):
+    """SIGINT during the last step saves last.pt at max_iters before that iteration's evaluation:
+    the resumed run must still evaluate it (before the fix it did 0 steps and no evaluation, and
+    ckpt.pt/best.pt stayed at the previous evaluation's weights)."""
+    settings = dict(max_iters=8, lr_decay_iters=8, eval_interval=4, learning_rate=1e-2)
+    train.train(tiny_config(pretrain_dir, tmp_path / "ref", **settings))
+    real_step = torch.optim.AdamW.step
+    steps = {"n": 0}
+
+    def step_then_sigint(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        steps["n"] += 1
+        if steps["n"] == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_config(pretrain_dir, tmp_path / "cut", **settings))
+    assert load_checkpoint(str(tmp_path / "cut" / "last.pt")).extra["iter_num"] == 8
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    train.train(tiny_config(pretrain_dir, tmp_path / "cut", **dict(settings, init_from="resume")))
+    assert_same_contents(saved_files(tmp_path / "ref"), saved_files(tmp_path / "cut"))
+
+
+SLOW_STEP_WORKER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import torch
+import train
+real_step, steps = torch.optim.AdamW.step, [0]
+
+def slow_step(self, *args, **kwargs):  # widen the window between the weights moving and the count
+    result = real_step(self, *args, **kwargs)
+    steps[0] += 1
+    time.sleep(0.2)
+    return result
+
+torch.optim.AdamW.step = slow_step
+code = train.main(sys.argv[1:])
+with open(os.path.join({out!r}, "steps.rank" + os.environ["RANK"]), "w") as f:
+    f.write(str(steps[0]))
+sys.exit(code)
+"""
+
+
+def test_one_ctrl_c_under_torchrun_stops_every_rank_after_the_same_finished_step(pretrain_dir, tmp_path):
+    """One Ctrl-C under torchrun reaches each worker twice: the terminal's SIGINT and torchrun's
+    forwarded copy. Both ranks must stop after the same step, counted: last.pt holds exactly
+    iter_num steps' weights (before the fix the second SIGINT raised inside the step, saving
+    moved weights under the previous iteration number)."""
+    out = tmp_path / "ddp"
+    out.mkdir()
+    settings = dict(max_iters=10_000, eval_interval=10_000, decay_lr=False, batch_size=4,
+                    gradient_accumulation_steps=2)
+    worker = tmp_path / "worker.py"
+    worker.write_text(SLOW_STEP_WORKER.format(root=ROOT, out=str(out)))
+    argv = [f"--{k}={v}" for k, v in tiny_config(pretrain_dir, out, **settings).items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(worker), *argv],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(step_losses_or_none(out)) < 3:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.1)
+        workers = child_pids(proc.pid)
+        assert len(workers) == 2, workers
+        # the terminal's Ctrl-C reaches torchrun's process group, and (with torch versions that keep
+        # the workers in that group) the workers too; torchrun then forwards its own copy to each
+        for pid in workers:
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.05)  # two signals that arrive together are handled once; a terminal's rarely do
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    iter_num = load_checkpoint(str(out / "last.pt")).extra["iter_num"]
+    assert [int((out / f"steps.rank{r}").read_text()) for r in (0, 1)] == [iter_num, iter_num]
+    train.train(tiny_config(pretrain_dir, tmp_path / "ref", **dict(settings, max_iters=iter_num)))
+    reference, stopped = final_weights(tmp_path / "ref"), final_weights(out)
+    for key in reference:
+        torch.testing.assert_close(stopped[key], reference[key], rtol=1e-4, atol=1e-5)
+
+
+def child_pids(parent):
+    """The processes whose parent is `parent` (torchrun's workers), from /proc."""
+    children = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(name))
+    return children
+
+
+def step_losses_or_none(out_dir):
+    try:
+        return step_losses(out_dir)
+    except (OSError, ValueError):
+        return {}
+
+
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(pretrain_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     c = tiny_config(pretrain_dir, out, max_iters=10, eval_interval=5)

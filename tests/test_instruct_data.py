@@ -104,7 +104,7 @@ def test_template_examples_and_labels(demo_data, capsys):
         check_rows(tokens, lengths, records, template_prompt, tok, 350)
     meta = json.load(open(out_dir / "meta.json"))
     assert meta["vocab_size"] == 384 and meta["max_seq_len"] == 350 and meta["prompt_style"] == "template"
-    assert meta["prompt_encoding"] == "story_words"
+    assert meta["prompt_format"] == {"is_instruct": True, "prompt_encoding": "story_words"}
     assert meta["tokenizer"] == os.path.abspath(demo_data / "tok384.model")
     assert (meta["examples"], meta["val_examples"], meta["train_examples"]) == (
         len(val) + len(train), len(val), len(train))
@@ -142,7 +142,7 @@ def test_plain_prompt_encoding_is_the_originals(demo_data):
     assert len(records) == len(tokens)
     for row, (prompt_len, _), record in zip(tokens, lengths, records):
         assert row[:prompt_len].tolist() == tok.encode(template_prompt(record))
-    assert json.load(open(demo_data / "instruct384" / "meta.json"))["prompt_encoding"] == "plain"
+    assert json.load(open(demo_data / "instruct384" / "meta.json"))["prompt_format"]["prompt_encoding"] == "plain"
 
 
 def test_original_prompt_style(demo_data):
@@ -278,7 +278,7 @@ def test_cli_misuse_is_one_line_and_exit_2(argv, fragment, capsys):
 
 
 def test_missing_tokenizer_points_to_train_vocab(demo_data, capsys):
-    assert pid.main(["--vocab_size=1024", f"--data_dir={demo_data}"]) == 1
+    assert pid.main(["--vocab_size=1024", f"--data_dir={demo_data}"]) == 2  # bad input, not a failed step
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train_vocab --vocab_size=1024" in err
 

@@ -65,8 +65,11 @@ def test_loss_ignores_minus_one_targets():
     targets[1, 7:] = -1
     logits, loss = model(tokens, targets)
     keep = targets != -1
+    # only the scored positions get logits, and they are the full forward's at those positions
+    every = model(tokens, all_logits=True)[0]
+    torch.testing.assert_close(logits, every[keep], rtol=1e-5, atol=1e-6)
     # mean negative log-likelihood over the kept positions only, computed by hand
-    logp = logits.float().log_softmax(-1)[keep]
+    logp = every.float().log_softmax(-1)[keep]
     expected = -logp.gather(1, targets[keep][:, None]).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     # and changing the ignored targets to other real ids would change the loss

@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from checkpoint import save_checkpoint
 from docs_reference import greedy_story
 from model import ModelArgs, Transformer
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, TEST_DATA
 from tests.test_quickstart import run_make
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-STORIES260K = os.path.join(SHARED_DATA, "stories260K.pt")
-TOK512 = os.path.join(SHARED_DATA, "tok512.model")
+STORIES260K = os.path.join(TEST_DATA, "stories260K.pt")
+TOK512 = os.path.join(TEST_DATA, "tok512.model")
 
 
 def free_port():
@@ -95,14 +95,8 @@ class Server:
         self.stop()
 
 
-def need_stories260K():
-    if not os.path.isfile(STORIES260K):
-        pytest.skip("../shared/data (real stories260K model) is not present beside this checkout")
-
-
 @pytest.fixture(scope="module")
 def stories_server():
-    need_stories260K()
     with Server(STORIES260K) as server:
         yield server
 
@@ -111,7 +105,6 @@ def stories_server():
 def slow_model(tmp_path_factory):
     """Random weights with a long context: greedy from them hardly ever samples EOS, so a story
     runs its full max_tokens, long enough to kill its client or fill the queue meanwhile."""
-    need_stories260K()
     torch.manual_seed(0)
     args = ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=1024)
     state = Transformer(args).state_dict()
@@ -449,7 +442,6 @@ def test_page_for_a_plain_model_continues_a_free_prompt(stories_server, browser)
 def test_compiled_server_batches_the_same_greedy_stories():
     """--compile: one compiled decode step for every batch size; the published story alone,
     and the same story from each row of a batch."""
-    need_stories260K()
     # it compiles before it listens: 25-45 s on 2 quiet cores, minutes on busy ones
     with Server(STORIES260K, "--compile", start_timeout=600) as server:
         body = {"prompt": "", "max_tokens": 200, "temperature": 0}

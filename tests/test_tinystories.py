@@ -284,11 +284,11 @@ def test_pretokenize_worker_error_names_the_shard(tmp_path, capsys):
 
 
 def test_missing_data_and_tokenizer_are_explained(tmp_path, capsys):
-    assert tinystories.main(["pretokenize", "--vocab_size=512", f"--data_dir={tmp_path}"]) == 1
+    assert tinystories.main(["pretokenize", "--vocab_size=512", f"--data_dir={tmp_path}"]) == 2  # bad input
     assert "make_demo" in capsys.readouterr().err
     demo_corpus.make_demo(str(tmp_path), num_shards=1, stories_per_shard=5, seed=1)
     capsys.readouterr()
-    assert tinystories.main(["pretokenize", "--vocab_size=512", f"--data_dir={tmp_path}"]) == 1
+    assert tinystories.main(["pretokenize", "--vocab_size=512", f"--data_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train_vocab --vocab_size=512" in err
 
@@ -321,5 +321,5 @@ def test_script_runs_as_a_command(tmp_path):
     assert len(json.load(open(tmp_path / "TinyStories_all_data" / "data00.json"))) == 3
     run = subprocess.run([sys.executable, "tinystories.py", "pretokenize", "--vocab_size=64",
                           f"--data_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.returncode == 2 and "Traceback" not in run.stderr  # no tok64.model: bad input
     assert run.stderr.strip().splitlines() == [run.stderr.strip()]

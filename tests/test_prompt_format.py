@@ -1,0 +1,116 @@
+"""The prompt format (prompts.prompt_format) travels with an instruct model into every export and
+back: the loader reads it from each format, so an exported model is prompted as it was trained."""
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate
+import export
+import generate
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model import Transformer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = ["--verb=climb", "--noun=ring", "--adjective=messy", "--features=dialogue"]
+STORY_WORDS = {"is_instruct": True, "prompt_encoding": "story_words"}  # prompts.prompt_format's record
+PLAIN_TEXT = {"is_instruct": True, "prompt_encoding": "plain"}
+NOT_INSTRUCT = {"is_instruct": False, "prompt_encoding": None}
+EXPORTS = [("llama2c-v0", "model.bin"), ("llama2c-v1", "model_v1.bin"), ("llama2c-q8", "model_q8.bin"),
+           ("hf", "hf_model"), ("gguf", "model.gguf")]
+
+
+@pytest.fixture
+def record_prompts(monkeypatch):
+    """Keep every prompt batch generate.py hands to Transformer.generate."""
+    seen = []
+    real = Transformer.generate
+
+    def recording(self, prompt, *args, **kwargs):
+        seen.append(prompt.tolist())
+        return real(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "generate", recording)
+    return seen
+
+
+@pytest.fixture
+def instruct_pt(shared_data, tmp_path):
+    """stories260K saved as an instruct model the way a checkpoint from before the record says so
+    (dataset "instruct", prompt_encoding story_words): old checkpoints keep their meaning."""
+    obj = torch.load(os.path.join(shared_data, "stories260K.pt"), weights_only=True)
+    obj["config"] = {**(obj.get("config") or {}), "dataset": "instruct", "prompt_encoding": "story_words",
+                     "tokenizer": os.path.join(shared_data, "tok512.model")}
+    path = str(tmp_path / "instruct.pt")
+    save_checkpoint(path, obj)
+    return path
+
+
+def greedy_story(capsys, record_prompts, model_path, *extra):
+    record_prompts.clear()
+    capsys.readouterr()
+    assert generate.main([f"--model_path={model_path}", "--device=cpu", "--temperature=0",
+                          "--max_new_tokens=60", *WORDS, *extra]) == 0
+    return record_prompts[0], capsys.readouterr().out
+
+
+def test_old_checkpoint_keeps_its_meaning(instruct_pt):
+    assert load_checkpoint(instruct_pt).prompt_format == STORY_WORDS
+
+
+@pytest.mark.parametrize("fmt, name", EXPORTS)
+def test_exported_instruct_model_samples_the_same_greedy_story(instruct_pt, shared_data, tmp_path, capsys,
+                                                               record_prompts, fmt, name):
+    tokenizer = os.path.join(shared_data, "tok512.model")
+    expected_ids, expected_story = greedy_story(capsys, record_prompts, instruct_pt)
+    out = str(tmp_path / name)
+    assert export.main([f"--checkpoint={instruct_pt}", f"--format={fmt}", f"--out={out}"]) == 0
+    ids, story = greedy_story(capsys, record_prompts, out, f"--tokenizer={tokenizer}")
+    assert ids == expected_ids  # the prompt's tokens, then BOS: laid out and encoded as in training
+    if fmt != "llama2c-q8":  # Q8_0 weights are not the same numbers, so neither need the story be
+        assert story == expected_story and "Write a story" not in story
+    assert load_checkpoint(out).prompt_format == STORY_WORDS
+    # and back to this project's checkpoint: the record survives the round trip
+    back = str(tmp_path / "back.pt")
+    assert export.main([f"--checkpoint={out}", "--format=pt", f"--out={back}", f"--tokenizer={tokenizer}"]) == 0
+    assert load_checkpoint(back).config["prompt_format"] == STORY_WORDS
+    assert greedy_story(capsys, record_prompts, back)[0] == expected_ids
+
+
+def test_a_file_made_elsewhere_takes_the_format_from_the_flags(instruct_pt, shared_data, tmp_path, capsys,
+                                                               record_prompts):
+    """A llama2.c .bin without the JSON beside it reads as a plain model; --instruct and
+    --prompt_encoding say how it was trained."""
+    expected_ids, expected_story = greedy_story(capsys, record_prompts, instruct_pt)
+    out = str(tmp_path / "model.bin")
+    assert export.main([f"--checkpoint={instruct_pt}", "--format=llama2c-v0", f"--out={out}"]) == 0
+    os.remove(out + ".json")
+    tokenizer = f"--tokenizer={os.path.join(shared_data, 'tok512.model')}"
+    assert load_checkpoint(out).prompt_format == NOT_INSTRUCT
+    assert greedy_story(capsys, record_prompts, out, tokenizer, "--prompt_encoding=story_words") == \
+        (expected_ids, expected_story)
+    plain_ids, _ = greedy_story(capsys, record_prompts, out, tokenizer, "--instruct", "--prompt_encoding=plain")
+    assert plain_ids != expected_ids and plain_ids[0][-1] == 1  # plain text, then BOS
+    assert generate.main([f"--model_path={out}", tokenizer, "--no-instruct", "--prompt_encoding=plain", *WORDS]) == 2
+
+
+def test_a_bad_record_beside_a_bin_is_refused_naming_the_file(instruct_pt, tmp_path):
+    out = str(tmp_path / "model.bin")
+    assert export.main([f"--checkpoint={instruct_pt}", "--format=llama2c-v0", f"--out={out}"]) == 0
+    with open(out + ".json", "w") as f:
+        json.dump({"prompt_format": {"is_instruct": True, "prompt_encoding": "odd"}}, f)
+    with pytest.raises(CheckpointError, match="model.bin.json"):
+        load_checkpoint(out).prompt_format
+
+
+def test_compare_asks_every_model_the_same_tokens():
+    """--compare: a base model and its instruct fine-tune get the same prompt ids."""
+    base, tuned = NOT_INSTRUCT, STORY_WORDS
+    assert evaluate.evaluation_prompt_format([base, tuned]) == tuned
+    assert evaluate.evaluation_prompt_format([base]) == PLAIN_TEXT
+    with pytest.raises(evaluate.UsageError, match="--prompt_encoding"):
+        evaluate.evaluation_prompt_format([tuned, PLAIN_TEXT])
+    assert evaluate.evaluation_prompt_format([tuned, PLAIN_TEXT], encoding="plain") == \
+        PLAIN_TEXT
