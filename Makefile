@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
 TORCH ?= torch>=2.13
-TEST_PACKAGES ?= pytest>=7 transformers>=4.40 accelerate hypothesis>=6
+TEST_PACKAGES ?= pytest>=7 transformers>=4.40 accelerate hypothesis>=6 openai>=1.30 selenium>=4.11
 PYTEST_ARGS ?= -q
 
 .PHONY: demo demo-pipeline demo-data demo-finetune demo-finetune-pipeline test venv
@@ -51,6 +51,7 @@ demo-pipeline: demo-data
 	$(PY) generate.py --model_path=$(DEMO_DIR)/instruct/ckpt.pt $(DEMO_STORY)
 	$(PY) evaluate.py --model_path=$(DEMO_DIR)/instruct/ckpt.pt --data=$(DEMO_DATA)/instruct$(DEMO_VOCAB) \
 		--num_prompts=$(DEMO_PROMPTS) --held_out_from=$(DEMO_DATA) --report=$(DEMO_DIR)/eval.json
+	@echo "== serve it in a browser and behind an OpenAI-compatible API: $(PY) serve.py --model_path=$(DEMO_DIR)/instruct/ckpt.pt"
 
 # ---- a base pretrained on the plain demo stories, LoRA-tuned into an instruct model, scored
 DEMO_FT_TRAIN ?=

@@ -66,11 +66,13 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0):
 
 def apply_rope(x, cos, sin):
     """Rotate ADJACENT pairs (x0, x1), (x2, x3)... as Meta's and llama2.c's weights expect.
-    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim / 2). Each pair is one complex
-    number turned by the position's angle: a single multiply forwards and backwards, about 5x
-    cheaper on a CPU than rotating the real pairs element by element (docs/finetuning.md, round 3)."""
+    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim / 2), or (batch, seq, head_dim / 2)
+    for rows at different positions. Each pair is one complex number turned by the position's
+    angle: a single multiply forwards and backwards, about 5x cheaper on a CPU than rotating the
+    real pairs element by element (docs/finetuning.md, round 3)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    turn = torch.complex(cos.float(), sin.float())[None, :, None, :]
+    turn = torch.complex(cos.float(), sin.float())
+    turn = turn[:, :, None, :] if turn.dim() == 3 else turn[None, :, None, :]
     return torch.view_as_real(pairs * turn).flatten(-2).type_as(x)
 
 
@@ -86,6 +88,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
+        if input_pos.dim() == 2:  # (batch, seq): row b's tokens go to its own positions
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, input_pos] = k.transpose(1, 2)
+            self.v[rows, :, input_pos] = v.transpose(1, 2)
+            return self.k, self.v
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
@@ -186,7 +193,8 @@ class Transformer(nn.Module):
         """With targets: the mean cross entropy over the positions whose target is not -1, and
         those positions' logits, (positions, vocab) in row-major order. Without: logits of the last
         position only (all of them if all_logits), loss None.
-        input_pos (set by prefill/decode_step): the tokens' positions, where they go in the cache."""
+        input_pos (set by prefill/decode_step): the tokens' positions, where they go in the cache;
+        (seq,) for every row alike, or (batch, seq) for rows at different positions."""
         h = self.hidden_states(tokens, input_pos)
         if targets is not None:
             h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
@@ -211,7 +219,9 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.freqs_cos[input_pos], self.freqs_sin[input_pos]
             cache_len = self.layers[0].attention.kv_cache.k.shape[2]
-            mask = torch.arange(cache_len, device=tokens.device) <= input_pos[:, None]
+            mask = torch.arange(cache_len, device=tokens.device) <= input_pos[..., None]
+            if input_pos.dim() == 2:
+                mask = mask[:, None]  # (batch, 1, seq, cache_len): one mask per row, every head
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos, mask)
@@ -261,7 +271,8 @@ class Transformer(nn.Module):
         return self.next_token_logits(self.hidden_states(tokens, input_pos))
 
     def decode_step(self, token, input_pos):
-        """One new token per sample at position input_pos (a 1-element tensor); its logits."""
+        """One new token per sample at position input_pos (a 1-element tensor, or (batch, 1):
+        each sample at its own position); its logits."""
         return self.next_token_logits(self.hidden_states(token, input_pos))
 
     def compiled_decode_step(self):

@@ -37,9 +37,11 @@ def test_shortened_demo_pipeline(tmp_path):
     for key in ("word_rate", "all_words_rate", "dialogue_rate", "n_prompts", "val_loss"):
         assert key in report
     assert report["n_prompts"] == 6 and report["training_word_triples"] > 0
-    # the run ends with the story for the README prompt, then the score table
+    # the run ends with the story for the README prompt, the score table, then how to serve it
     assert "== a story for:" in done.stdout
-    assert done.stdout.rstrip().splitlines()[-1].startswith("evaluated ")
+    last_lines = done.stdout.rstrip().splitlines()[-2:]
+    assert last_lines[0].startswith("evaluated ")
+    assert last_lines[1].endswith(f"serve.py --model_path={demo_dir}/instruct/ckpt.pt")
     assert "| stories with all three |" in done.stdout
 
 

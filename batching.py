@@ -1,0 +1,266 @@
+"""Continuous batching for serve.py: one thread owns the model and samples every request that is
+running, one token per request per step. A request that arrives while the loop runs waits in a
+bounded queue and joins the batch at the next step; a finished or cancelled one leaves it and
+frees its row at once.
+
+Rows hold prompts of different lengths, so each row has its own position: the decode step is
+given a (rows, 1) position tensor (model.py's per-row input_pos) and writes each row's key and
+value at that row's position of one shared KV cache. The running rows are always rows 0..n-1 of
+the cache (a leaving row's slot is filled by moving the last row into it), so a step computes
+exactly the rows that run, on views of the cache, with no padding.
+
+The engine knows nothing of HTTP: a request is a Sequence, and the engine reports its tokens and
+its end through the Sequence's on_event callback, called from the engine's thread.
+"""
+import collections
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+from model import KVCache, sample
+
+
+class QueueFull(Exception):
+    """Every row is busy and the waiting queue is at its bound: the caller should retry later."""
+
+
+class ShuttingDown(Exception):
+    """The engine no longer takes requests."""
+
+
+@dataclass
+class Sequence:
+    """One request's story: prompt ids in, sampled ids out through on_event(kind, value):
+    ("token", id) per sampled token, then ("done", "stop" | "length") or ("error", message).
+    A stop token ends the story and is not reported."""
+    prompt_ids: List[int]
+    max_new_tokens: int
+    on_event: Callable[[str, object], None]
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+    generated: List[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False  # ended by a stop token or max_new_tokens, not by cancel()
+    submitted_at: float = 0.0
+    started_at: Optional[float] = None  # when it got a row
+    # the engine's bookkeeping: the next position to feed and the token that goes there
+    pos: int = 0
+    last: int = 0
+    generator: Optional[torch.Generator] = None
+
+    def cancel(self):
+        """Free the row (or the queue place) at the engine's next step; no more events come."""
+        self.cancelled = True
+
+
+class BatchEngine:
+    def __init__(self, model, stop_ids, max_batch=16, max_queue=64, compile=False):
+        self.model, self.stop_ids = model, frozenset(stop_ids)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        args = model.args
+        param = model.tok_embeddings.weight
+        self.device = param.device
+        self.context = args.max_seq_len
+        shape = (max_batch, args.n_kv_heads, args.max_seq_len, args.head_dim)
+        self.cache_k = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in model.layers]
+        self.cache_v = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in model.layers]
+        # the modules the model reads its cache from; their tensors are pointed at views of the
+        # shared cache before each call (a buffer reassigned, nothing copied)
+        for layer in model.layers:
+            layer.attention.kv_cache = KVCache(1, 1, 1, 1, param.dtype, param.device)
+        model.setup_classifier()
+        # the number of running rows changes from step to step: dynamic shapes, one compile
+        self.step_fn, self.compiled = model.decode_step, compile
+        if compile:
+            self.step_fn = torch.compile(model.decode_step, dynamic=True)
+            self._warm_up()
+        self.rows: List[Sequence] = []
+        self.waiting = collections.deque()
+        self.cond = threading.Condition()
+        self.accepting, self.stopping = True, False
+        self.steps = 0  # decode steps run; with tokens_out, the mean batch a step carried
+        self.tokens_out = 0
+        self.rows_cancelled = 0  # rows freed before their story ended: clients gone, stop strings
+        self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
+
+    def _compile_settings(self):
+        """torch.compile takes a module buffer's shape as fixed, and the cache's views are
+        module buffers whose row count changes: without this, every batch size compiles anew."""
+        if not self.compiled:
+            return contextlib.nullcontext()
+        return torch._dynamo.config.patch(force_nn_module_property_static_shapes=False,
+                                          force_parameter_static_shapes=False)
+
+    def _warm_up(self):
+        """Compile before the first request: torch.compile specialises a batch of 1 and
+        compiles one graph for every larger batch, so both are traced here. The position-0
+        keys and values they write are overwritten by each row's prefill."""
+        with torch.inference_mode():
+            for rows in sorted({1, min(2, self.max_batch)}):
+                self._point_cache_at(slice(0, rows))
+                token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
+                with self._compile_settings():
+                    self.step_fn(token, position)
+
+    # ---- the caller's side (any thread) ------------------------------------------------------
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def submit(self, sequences: List[Sequence]):
+        """Queue all of sequences or none: QueueFull when they would not fit in the queue."""
+        with self.cond:
+            if not self.accepting:
+                raise ShuttingDown("the server is shutting down")
+            self._drop_cancelled_waiting()
+            if len(self.waiting) + len(sequences) > self.max_queue:
+                raise QueueFull(f"{len(self.rows)} stories running and {len(self.waiting)} waiting")
+            now = time.perf_counter()
+            for seq in sequences:
+                seq.submitted_at = now
+                self.waiting.append(seq)
+            self.cond.notify()
+
+    def load(self):
+        """(running rows, waiting requests)."""
+        with self.cond:
+            return len(self.rows), len(self.waiting)
+
+    def stop(self, timeout=None):
+        """Take no more requests, let the running and queued ones finish, end the thread."""
+        with self.cond:
+            self.accepting, self.stopping = False, True
+            self.cond.notify()
+        self.thread.join(timeout)
+
+    # ---- the engine's thread -----------------------------------------------------------------
+
+    def _drop_cancelled_waiting(self):
+        if any(s.cancelled for s in self.waiting):
+            self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
+
+    def _run(self):
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    while not self.rows and not self.waiting and not self.stopping:
+                        self.cond.wait()
+                    if self.stopping and not self.rows and not self.waiting:
+                        return
+                    self._drop_cancelled_waiting()
+                    joining = []
+                    while self.waiting and len(self.rows) + len(joining) < self.max_batch:
+                        joining.append(self.waiting.popleft())
+                try:
+                    for seq in joining:
+                        self._prefill(seq)
+                    self._free_rows()
+                    if self.rows:
+                        self._decode_step()
+                        self._free_rows()
+                except Exception as exc:  # a bug or out of memory: fail these stories, keep serving
+                    message = f"sampling failed: {type(exc).__name__}: {exc}"
+                    for seq in self.rows + joining:
+                        if not seq.cancelled:
+                            seq.on_event("error", message)
+                            seq.cancel()
+                    with self.cond:
+                        self.rows = []
+
+    def _point_cache_at(self, rows: slice):
+        for layer, k, v in zip(self.model.layers, self.cache_k, self.cache_v):
+            layer.attention.kv_cache.k, layer.attention.kv_cache.v = k[rows], v[rows]
+
+    def _prefill(self, seq: Sequence):
+        """The prompt through the model in the next free row (the row's own cache, positions
+        0..len-1, as generate.py's prefill); its first token is sampled at once."""
+        if seq.cancelled:
+            return
+        row = len(self.rows)
+        seq.started_at = time.perf_counter()
+        if seq.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
+        # the last new token is never fed back in, so prompt + new - 1 positions must fit
+        seq.max_new_tokens = min(seq.max_new_tokens, self.context - len(seq.prompt_ids) + 1)
+        self._point_cache_at(slice(row, row + 1))
+        prompt = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
+        logits = self.model.prefill(prompt)
+        seq.pos = len(seq.prompt_ids)
+        with self.cond:
+            self.rows.append(seq)
+        self._take(seq, sample(logits, seq.temperature, seq.top_k, seq.top_p, seq.generator)[0])
+
+    def _decode_step(self):
+        rows = self.rows
+        self._point_cache_at(slice(0, len(rows)))
+        tokens = torch.tensor([[s.last] for s in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[s.pos] for s in rows], dtype=torch.long, device=self.device)
+        with self._compile_settings():
+            logits = self.step_fn(tokens, positions)
+        for seq in rows:
+            seq.pos += 1
+        for indices, token_ids in self._sample_rows(logits):
+            for i, token in zip(indices, token_ids.tolist()):
+                self._take(rows[i], token)
+        self.steps += 1
+
+    def _sample_rows(self, logits):
+        """Rows with the same settings and no seed of their own are sampled in one call;
+        seeded rows alone, each from its own generator, so a seed gives the same story
+        whatever else runs beside it."""
+        groups = collections.defaultdict(list)
+        for i, seq in enumerate(self.rows):
+            if seq.temperature == 0:
+                key = "greedy"
+            elif seq.generator is not None:
+                key = ("seeded", i)
+            else:
+                key = (seq.temperature, seq.top_k, seq.top_p)
+            groups[key].append(i)
+        for key, indices in groups.items():
+            seq = self.rows[indices[0]]
+            picked = logits[indices]
+            yield indices, sample(picked, seq.temperature, seq.top_k, seq.top_p, seq.generator)
+
+    def _take(self, seq: Sequence, token):
+        token = int(token)
+        if seq.cancelled:
+            return
+        if token in self.stop_ids:
+            seq.finished = True
+            seq.on_event("done", "stop")
+            seq.cancel()
+            return
+        seq.generated.append(token)
+        seq.last = token
+        self.tokens_out += 1
+        seq.on_event("token", token)
+        if len(seq.generated) >= seq.max_new_tokens:
+            seq.finished = True
+            seq.on_event("done", "length")
+            seq.cancel()
+
+    def _free_rows(self):
+        """Finished and cancelled rows leave; the last running row moves into each freed slot,
+        so the running rows stay 0..n-1."""
+        with self.cond:
+            row = 0
+            while row < len(self.rows):
+                if not self.rows[row].cancelled:
+                    row += 1
+                    continue
+                self.rows_cancelled += not self.rows[row].finished
+                last = len(self.rows) - 1
+                if row != last:
+                    for k, v in zip(self.cache_k, self.cache_v):
+                        k[row].copy_(k[last])
+                        v[row].copy_(v[last])
+                    self.rows[row] = self.rows[last]
+                self.rows.pop()

@@ -1,0 +1,491 @@
+"""serve.py as its users meet it: the real server in a subprocess on a free port of 127.0.0.1,
+asked by the official `openai` client, by plain HTTP, by killed clients, and by a headless
+Chromium that fills in the page. Sampled stories are checked against generate.py's and against
+stories260K's published greedy story."""
+import concurrent.futures
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from checkpoint import save_checkpoint
+from docs_reference import greedy_story
+from model import ModelArgs, Transformer
+from tests.conftest import ROOT, TEST_DATA
+from tests.test_quickstart import run_make
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+STORIES260K = os.path.join(TEST_DATA, "stories260K.pt")
+TOK512 = os.path.join(TEST_DATA, "tok512.model")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """serve.py in a subprocess, ready once /health answers."""
+
+    def __init__(self, model_path, *flags, start_timeout=90):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "serve.py"), f"--model_path={model_path}",
+             f"--port={self.port}", "--device=cpu", *flags],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.communicate()[1]
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"serve.py did not answer /health within {start_timeout} s")
+
+    def request(self, method, path, body=None, headers=None, timeout=60):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+            connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+            response = connection.getresponse()
+            raw = response.read()
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                payload = raw.decode()
+            return response.status, payload, dict(response.getheaders())
+        finally:
+            connection.close()
+
+    def get(self, path):
+        return self.request("GET", path, timeout=5)
+
+    def post(self, path, body, **kw):
+        return self.request("POST", path, body, **kw)
+
+    def stop(self, timeout=60):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+@pytest.fixture(scope="module")
+def stories_server():
+    with Server(STORIES260K) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """Random weights with a long context: greedy from them hardly ever samples EOS, so a story
+    runs its full max_tokens, long enough to kill its client or fill the queue meanwhile."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=1024)
+    state = Transformer(args).state_dict()
+    # BOS and EOS (tok512's ids 1 and 2) score 0 against every state, below the best of the
+    # 510 others: no story ends early
+    state["tok_embeddings.weight"][1:3] = 0
+    path = str(tmp_path_factory.mktemp("slow") / "ckpt.pt")
+    save_checkpoint(path, {"model": state, "model_args": vars(args), "config": {"tokenizer": TOK512}})
+    return path
+
+
+@pytest.fixture(scope="session")
+def instruct_model(tmp_path_factory):
+    """A tiny instruct storyteller that writes dialogue: `make demo`'s recipe (its data step as
+    test_quickstart runs it, on 600 demo stories), trained 400 steps at dim 64 (about a minute
+    on one core). Held-out word triples then get quoted speech when dialogue is asked for."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    demo_dir = tmp_path_factory.mktemp("instruct") / "demo"
+    run_make("demo-data", demo_dir)
+    done = subprocess.run(
+        [sys.executable, "train.py", "configs/demo_instruct.py", f"--data_dir={demo_dir}/data",
+         "--vocab_size=1024", "--max_seq_len=192", f"--out_dir={demo_dir}/instruct", "--dim=64",
+         "--n_layers=2", "--n_heads=4", "--n_kv_heads=4", "--max_iters=400", "--eval_interval=400",
+         "--eval_iters=1", "--log_interval=100"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return str(demo_dir / "instruct" / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def instruct_server(instruct_model):
+    with Server(instruct_model) as server:
+        yield server
+
+
+def sse_events(raw: str):
+    return [json.loads(block[6:]) for block in raw.split("\n\n") if block.startswith("data: {")]
+
+
+# ---- the official openai client ----------------------------------------------------------------
+
+def test_openai_client_gets_completions_chat_and_a_stream(stories_server):
+    import openai
+    client = openai.OpenAI(base_url=stories_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    assert [m.id for m in client.models.list()] == ["stories260K.pt"]
+
+    # greedy from a lone BOS: the story published for stories260K (formats.md section 9)
+    completion = client.completions.create(model="stories260K.pt", prompt="", max_tokens=200, temperature=0)
+    assert completion.choices[0].text == greedy_story()
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.prompt_tokens == 1 and completion.usage.completion_tokens == 200
+
+    chat = client.chat.completions.create(model="stories260K.pt", max_tokens=40, temperature=0,
+                                          messages=[{"role": "system", "content": "ignored"},
+                                                    {"role": "user", "content": "Once upon a time"}])
+    plain = client.completions.create(model="stories260K.pt", prompt="Once upon a time", max_tokens=40, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == plain.choices[0].text != ""
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+    stream = client.completions.create(model="stories260K.pt", prompt="Once upon a time", max_tokens=40,
+                                       temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 5  # it came in pieces
+    assert text == plain.choices[0].text
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+    chat_stream = client.chat.completions.create(model="x", max_tokens=40, temperature=0, stream=True,
+                                                 messages=[{"role": "user", "content": "Once upon a time"}])
+    assert "".join(c.choices[0].delta.content or "" for c in chat_stream) == plain.choices[0].text
+
+
+def test_stop_n_and_unsupported_fields(stories_server):
+    import openai
+    client = openai.OpenAI(base_url=stories_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    full = client.completions.create(model="m", prompt="", max_tokens=60, temperature=0).choices[0].text
+    assert "." in full
+    cut = client.completions.create(model="m", prompt="", max_tokens=60, temperature=0, stop=["."],
+                                    logprobs=None, presence_penalty=0.5, frequency_penalty=0.5, user="me")
+    assert cut.choices[0].text == full[:full.index(".")] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="m", prompt="", max_tokens=60, temperature=0, stop=".", stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full[:full.index(".")]
+
+    several = client.completions.create(model="m", prompt="Tom", max_tokens=30, temperature=1.0, n=3, seed=5)
+    assert sorted(c.index for c in several.choices) == [0, 1, 2]
+    assert len({c.text for c in several.choices}) > 1
+    again = client.completions.create(model="m", prompt="Tom", max_tokens=30, temperature=1.0, n=3, seed=5)
+    assert [c.text for c in again.choices] == [c.text for c in several.choices]  # a seed repeats
+
+
+# ---- batching ------------------------------------------------------------------------------------
+
+def test_greedy_stories_are_the_same_alone_and_in_a_batch(stories_server):
+    prompts = ["", "Once upon a time", "Tom had a big red ball and", "The sun was hot. Lily and her mom went to"]
+    body = lambda p: {"prompt": p, "max_tokens": 150, "temperature": 0}
+    alone = [stories_server.post("/v1/completions", body(p))[1]["choices"][0]["text"] for p in prompts]
+
+    # the same requests, each joining while others (sampled ones too) are mid-story
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        futures = []
+        for i in range(3):
+            futures += [pool.submit(stories_server.post, "/v1/completions",
+                                    {"prompt": "Lily", "max_tokens": 200, "temperature": 1.0})]
+            futures += [pool.submit(stories_server.post, "/v1/completions", body(p)) for p in prompts]
+            time.sleep(0.05 * i)
+        answers = [f.result() for f in futures]
+    assert all(status == 200 for status, _, _ in answers)
+    batched = [a[1]["choices"][0]["text"] for i, a in enumerate(answers) if i % 5]
+    assert batched == alone * 3
+    assert alone[0] == greedy_story()[:len(alone[0])]
+
+
+def test_queue_full_is_503_with_retry_after(slow_model):
+    with Server(slow_model, "--max_batch=1", "--max_queue=1") as server:
+        long = {"prompt": "", "max_tokens": 300, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(server.post, "/v1/completions", long)
+            while server.get("/health")[1]["running"] < 1:
+                time.sleep(0.05)
+            waiting = pool.submit(server.post, "/v1/completions", long)
+            while server.get("/health")[1]["waiting"] < 1:
+                time.sleep(0.05)
+            status, payload, headers = server.post("/v1/completions", long)
+            assert server.get("/health")[1]["running"] == 1  # the first still ran: the queue was full
+            assert status == 503 and headers.get("retry-after") == "1", (status, payload)
+            assert "busy" in payload["error"]["message"]
+            assert running.result()[0] == 200 and waiting.result()[0] == 200
+
+
+KILLED_CLIENT = r"""
+import http.client, json, sys
+stream = sys.argv[2] == "stream"
+connection = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "", "max_tokens": 1000,
+                   "temperature": 0, "stream": stream}), headers={"Content-Type": "application/json"})
+if stream:
+    response = connection.getresponse()
+    assert response.status == 200
+    response.fp.readline()
+print("waiting", flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_killed_clients_free_their_rows(slow_model):
+    """10 clients killed mid-story, 6 of them streaming, 4 waiting for a whole answer."""
+    with Server(slow_model, "--max_batch=10") as server:
+        clients = [subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(server.port), mode],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                   for mode in ["stream"] * 6 + ["whole"] * 4]
+        try:
+            for client in clients:
+                assert client.stdout.readline().strip() == "waiting"
+            deadline = time.monotonic() + 30
+            while server.get("/health")[1]["running"] < 10 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.get("/health")[1]["running"] == 10
+        finally:
+            for client in clients:
+                client.kill()
+                client.wait()
+        deadline = time.monotonic() + 10
+        while (health := server.get("/health")[1])["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health["running"] == 0 and health["waiting"] == 0
+        assert health["rows_cancelled"] == 10
+        assert health["tokens_generated"] < 10 * 1000 / 2  # freed mid-story, not run to the end
+
+        # the next 10 get all ten rows: each runs beside the others, none waits for a row
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda _: server.post("/v1/completions", {"prompt": "", "max_tokens": 50,
+                                                                             "temperature": 0}), range(10)))
+        assert [a[0] for a in answers] == [200] * 10
+        texts = {a[1]["choices"][0]["text"] for a in answers}
+        assert len(texts) == 1 and all(a[1]["usage"]["completion_tokens"] == 50 for a in answers)
+        assert server.get("/health")[1]["rows_cancelled"] == 10
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/completions", b'{"prompt": "Once"', "body"),
+    ("/v1/completions", b"[1, 2]", "body"),
+    ("/v1/completions", b"\xff\xfe", "body"),
+    ("/v1/completions", {"prompt": 5}, "prompt"),
+    ("/v1/completions", {"prompt": "Once", "max_tokens": "20"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "Once", "max_tokens": 512}, "max_tokens"),  # prompt + 512 > context
+    ("/v1/completions", {"prompt": "Once", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"prompt": "Once", "top_p": 1.5}, "top_p"),
+    ("/v1/completions", {"prompt": "Once", "n": 9}, "n"),
+    ("/v1/completions", {"prompt": "Once", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "Once", "stop": [""]}, "stop"),
+    ("/v1/completions", {"prompt": "Once upon a time " * 200}, "prompt"),  # longer than the context
+    ("/v1/completions", b'{"prompt": "' + b"a" * 300_000 + b'"}', "body"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ("/v1/stories", {"verb": "run", "noun": "cat", "adjective": "big"}, "verb"),  # a plain model
+])
+def test_bad_requests_are_400_naming_the_field(stories_server, path, body, field):
+    status, payload, _ = stories_server.post(path, body)
+    assert status == 400, payload
+    assert payload["error"]["param"] == field and payload["error"]["message"].startswith(field)
+    assert stories_server.get("/health")[0] == 200
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
+                           | st.text(max_size=30), lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
+FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
+          "stream", "stop", "seed", "stream_options", "logprobs", "verb", "noun", "adjective", "features", "model"]
+# valid values too, so that a body gets past its first field to the later checks
+SOMETIMES_VALID = {"prompt": st.just("Once"), "max_tokens": st.integers(1, 8), "messages":
+                   st.just([{"role": "user", "content": "Hi"}]), "verb": st.just("run"), "stream": st.booleans()}
+BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6).flatmap(
+    lambda body: st.fixed_dictionaries({k: SOMETIMES_VALID.get(k, st.just(v)) | st.just(v) for k, v in body.items()}))
+RAW_BODIES = st.binary(max_size=60) | BODIES.map(lambda b: json.dumps(b).encode())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/stories"]),
+       body=RAW_BODIES, max_tokens_garbage=st.sampled_from([None, "x", -1, 0, 10**9, 2.5]))
+def test_fuzzed_request_bodies_get_only_4xx(stories_server, path, body, max_tokens_garbage):
+    """Every fuzzed body carries at least one bad field (max_tokens, or the body itself), so
+    each must be refused with a 4xx naming a field, never a 5xx or a hang."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and max_tokens_garbage is not None:
+        body = json.dumps({**parsed, "max_tokens": max_tokens_garbage}).encode()
+    elif isinstance(parsed, dict):
+        body = body[:-1] + b"!"  # no longer JSON
+    status, payload, _ = stories_server.post(path, body, timeout=30)
+    assert 400 <= status < 500, (status, payload, body)
+    assert isinstance(payload, dict) and payload["error"]["param"]
+
+
+def test_health_answers_after_the_fuzz(stories_server):
+    status, payload, _ = stories_server.get("/health")
+    assert status == 200 and payload["status"] == "ok" and payload["running"] == 0
+
+
+# ---- instruct models: /v1/stories and the page ------------------------------------------------
+
+def test_stories_endpoint_words_the_prompt_as_generate_does(instruct_server, instruct_model):
+    from generate import load_for_sampling, sample_stories
+    from prompts import build_prompt, prompt_ids
+    model, ckpt, tokenizer = load_for_sampling(instruct_model, None, "cpu", "float32")
+    ids = prompt_ids(tokenizer, build_prompt("climb", "ring", "messy", ["Dialogue"]), True, ckpt.prompt_encoding)
+    expected = tokenizer.decode(sample_stories(model, tokenizer, [ids], 120, 0.0, None, 1.0)[0])
+
+    status, answer, _ = instruct_server.post("/v1/stories", {"verb": "climb", "noun": "ring", "adjective": "messy",
+                                                             "features": ["dialogue"], "temperature": 0,
+                                                             "max_tokens": 120})
+    assert status == 200, answer
+    assert answer["story"] == expected and answer["prompt"] == build_prompt("climb", "ring", "messy", ["Dialogue"])
+    assert answer["tokens"] > 0 and answer["tokens_per_s"] > 0
+
+    for body, field in [({"verb": "cl1mb", "noun": "ring", "adjective": "messy"}, "verb"),
+                        ({"verb": "climb", "noun": "a ring", "adjective": "messy"}, "noun"),
+                        ({"verb": "climb", "noun": "ring"}, "adjective"),
+                        ({"verb": "climb", "noun": "ring", "adjective": "messy", "features": ["poetry"]}, "features")]:
+        status, payload, _ = instruct_server.post("/v1/stories", body)
+        assert status == 400 and payload["error"]["param"] == field, payload
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Debian's headless Chromium with a fresh profile, driven through chromedriver."""
+    if not os.path.exists(CHROMIUM) or not os.path.exists(CHROMEDRIVER):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_page_in_headless_chromium_writes_a_story_with_dialogue(instruct_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.get(instruct_server.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_element(By.ID, "verb").is_displayed())
+    assert not browser.find_element(By.ID, "prompt").is_displayed()  # the instruct form, not the free one
+    for field, word in (("verb", "climb"), ("noun", "ring"), ("adjective", "messy")):
+        browser.find_element(By.ID, field).send_keys(word)
+    browser.find_element(By.ID, "feature-dialogue").click()
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    browser.find_element(By.ID, "write").click()
+    wait.until(lambda b: b.find_element(By.ID, "stats").text or b.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    story = browser.find_element(By.ID, "story").text
+    assert "tokens/s" in browser.find_element(By.ID, "stats").text
+    assert story.count('"') >= 2, story  # quoted speech
+
+
+def test_page_for_a_plain_model_continues_a_free_prompt(stories_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.get(stories_server.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_element(By.ID, "prompt").is_displayed())
+    assert not browser.find_element(By.ID, "verb").is_displayed()
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("Tom had a big red ball")
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    browser.find_element(By.ID, "write").click()
+    wait.until(lambda b: b.find_element(By.ID, "stats").text or b.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    expected = stories_server.post("/v1/completions", {"prompt": "Tom had a big red ball", "temperature": 0,
+                                                       "max_tokens": 200})[1]["choices"][0]["text"]
+    story = browser.find_element(By.ID, "story").text
+    # the page's story runs to the end of the context; its start is the greedy continuation
+    assert story.startswith("Tom had a big red ball" + expected.split("\n")[0].rstrip())
+
+
+def test_compiled_server_batches_the_same_greedy_stories():
+    """--compile: one compiled decode step for every batch size; the published story alone,
+    and the same story from each row of a batch."""
+    # it compiles before it listens: 25-45 s on 2 quiet cores, minutes on busy ones
+    with Server(STORIES260K, "--compile", start_timeout=600) as server:
+        body = {"prompt": "", "max_tokens": 200, "temperature": 0}
+        assert server.post("/v1/completions", body)[1]["choices"][0]["text"] == greedy_story()
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda _: server.post("/v1/completions", body), range(5)))
+        assert [a[1]["choices"][0]["text"] for a in answers] == [greedy_story()] * 5
+
+
+# ---- the command line and shutdown -----------------------------------------------------------
+
+def test_sigterm_finishes_the_running_story_and_exits_0(slow_model):
+    server = Server(slow_model)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        story = pool.submit(server.post, "/v1/completions", {"prompt": "", "max_tokens": 300, "temperature": 0})
+        while server.get("/health")[1]["running"] < 1:
+            time.sleep(0.02)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(OSError):
+            server.get("/health")  # no longer listening
+        status, answer, _ = story.result()
+    assert status == 200 and answer["usage"]["completion_tokens"] == 300
+    assert server.process.wait(60) == 0
+    assert "Traceback" not in server.process.stderr.read()
+
+
+@pytest.mark.parametrize("flags, mentions", [(["--port=abc"], "--port"), (["--quantize=int4"], "--quantize"),
+                                            (["--max_batch=0"], "--max_batch"), (["--port=70000"], "--port")])
+def test_cli_misuse_is_one_line_exit_2(flags, mentions):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--model_path=nowhere.pt", *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and mentions in done.stderr, done.stderr
+
+
+def test_missing_model_and_busy_port_are_one_line_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), f"--model_path={tmp_path}/none.pt",
+                           f"--port={free_port()}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "none.pt" in done.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), f"--model_path={tmp_path}/none.pt",
+                               f"--port={port}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and str(port) in done.stderr
