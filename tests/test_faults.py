@@ -39,11 +39,9 @@ def temp_files(out_dir):
 
 # ---- Ctrl-C, full disk, a second run --------------------------------------------------------------
 
-def test_ctrl_c_inside_the_optimizer_step_does_not_repeat_a_batch(pretrain_dir, tmp_path, monkeypatch):
-    """SIGINT arriving after the weights moved but before the iteration was counted: the run
-    finishes that iteration, saves, and resume continues exactly (before the fix it saved the
-    stepped weights under the old iteration number and replayed a batch)."""
-    settings = dict(max_iters=8, lr_decay_iters=8, eval_interval=100, dropout=0.1)
+def run_cut_by_ctrl_c_then_resumed(pretrain_dir, tmp_path, monkeypatch, settings, after_step):
+    """A reference run in tmp_path/ref; the same run in tmp_path/cut, sent SIGINT right after its
+    optimizer's step `after_step` (weights moved, iteration not yet counted), then resumed."""
     train.train(tiny_config(pretrain_dir, tmp_path / "ref", **settings))
     real_step = torch.optim.AdamW.step
     steps = {"n": 0}
@@ -51,15 +49,23 @@ def test_ctrl_c_inside_the_optimizer_step_does_not_repeat_a_batch(pretrain_dir, 
     def step_then_sigint(self, *args, **kwargs):
         result = real_step(self, *args, **kwargs)
         steps["n"] += 1
-        if steps["n"] == 5:
+        if steps["n"] == after_step:
             os.kill(os.getpid(), signal.SIGINT)
         return result
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_sigint)
     with pytest.raises(KeyboardInterrupt):
         train.train(tiny_config(pretrain_dir, tmp_path / "cut", **settings))
-    assert load_checkpoint(str(tmp_path / "cut" / "last.pt")).extra["iter_num"] == 5
+    assert load_checkpoint(str(tmp_path / "cut" / "last.pt")).extra["iter_num"] == after_step
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     train.train(tiny_config(pretrain_dir, tmp_path / "cut", **dict(settings, init_from="resume")))
+
+
+def test_ctrl_c_inside_the_optimizer_step_does_not_repeat_a_batch(pretrain_dir, tmp_path, monkeypatch):
+    """SIGINT arriving after the weights moved but before the iteration was counted: the run
+    finishes that iteration, saves, and resume continues exactly (before the fix it saved the
+    stepped weights under the old iteration number and replayed a batch)."""
+    settings = dict(max_iters=8, lr_decay_iters=8, eval_interval=100, dropout=0.1)
+    run_cut_by_ctrl_c_then_resumed(pretrain_dir, tmp_path, monkeypatch, settings, after_step=5)
     assert step_losses(tmp_path / "ref") == step_losses(tmp_path / "cut")
     assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut"))
 
@@ -95,22 +101,7 @@ def test_ctrl_c_on_an_eval_boundary_then_resume_writes_the_same_files(pretrain_d
     the resumed run must still evaluate it (before the fix it did 0 steps and no evaluation, and
     ckpt.pt/best.pt stayed at the previous evaluation's weights)."""
     settings = dict(max_iters=8, lr_decay_iters=8, eval_interval=4, learning_rate=1e-2)
-    train.train(tiny_config(pretrain_dir, tmp_path / "ref", **settings))
-    real_step = torch.optim.AdamW.step
-    steps = {"n": 0}
-
-    def step_then_sigint(self, *args, **kwargs):
-        result = real_step(self, *args, **kwargs)
-        steps["n"] += 1
-        if steps["n"] == 8:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_sigint)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_config(pretrain_dir, tmp_path / "cut", **settings))
-    assert load_checkpoint(str(tmp_path / "cut" / "last.pt")).extra["iter_num"] == 8
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    train.train(tiny_config(pretrain_dir, tmp_path / "cut", **dict(settings, init_from="resume")))
+    run_cut_by_ctrl_c_then_resumed(pretrain_dir, tmp_path, monkeypatch, settings, after_step=8)
     assert_same_contents(saved_files(tmp_path / "ref"), saved_files(tmp_path / "cut"))
 
 
