@@ -405,15 +405,21 @@ def test_page_in_headless_chromium_writes_a_story_with_dialogue(instruct_server,
     for field, word in (("verb", "climb"), ("noun", "ring"), ("adjective", "messy")):
         browser.find_element(By.ID, field).send_keys(word)
     browser.find_element(By.ID, "feature-dialogue").click()
+    write_greedily(browser, wait)
+    story = browser.find_element(By.ID, "story").text
+    assert "tokens/s" in browser.find_element(By.ID, "stats").text
+    assert story.count('"') >= 2, story  # quoted speech
+
+
+def write_greedily(browser, wait):
+    """Set the page's temperature to 0, press the button, and wait for the story to finish cleanly."""
+    from selenium.webdriver.common.by import By
     temperature = browser.find_element(By.ID, "temperature")
     temperature.clear()
     temperature.send_keys("0")
     browser.find_element(By.ID, "write").click()
     wait.until(lambda b: b.find_element(By.ID, "stats").text or b.find_element(By.ID, "error").text)
     assert browser.find_element(By.ID, "error").text == ""
-    story = browser.find_element(By.ID, "story").text
-    assert "tokens/s" in browser.find_element(By.ID, "stats").text
-    assert story.count('"') >= 2, story  # quoted speech
 
 
 def test_page_for_a_plain_model_continues_a_free_prompt(stories_server, browser):
@@ -426,12 +432,7 @@ def test_page_for_a_plain_model_continues_a_free_prompt(stories_server, browser)
     prompt = browser.find_element(By.ID, "prompt")
     prompt.clear()
     prompt.send_keys("Tom had a big red ball")
-    temperature = browser.find_element(By.ID, "temperature")
-    temperature.clear()
-    temperature.send_keys("0")
-    browser.find_element(By.ID, "write").click()
-    wait.until(lambda b: b.find_element(By.ID, "stats").text or b.find_element(By.ID, "error").text)
-    assert browser.find_element(By.ID, "error").text == ""
+    write_greedily(browser, wait)
     expected = stories_server.post("/v1/completions", {"prompt": "Tom had a big red ball", "temperature": 0,
                                                        "max_tokens": 200})[1]["choices"][0]["text"]
     story = browser.find_element(By.ID, "story").text
