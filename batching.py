@@ -21,7 +21,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-from model import KVCache, sample
+from model import KVCache
+from sampling import sample
 
 
 class QueueFull(Exception):

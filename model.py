@@ -6,6 +6,7 @@ and `generate` strings the two together with temperature / top-k / top-p samplin
 step only ever sees tensors of the same shapes (the position is a tensor, the cache is written
 in place), so `generate(compile=True)` compiles it once for every position.
 """
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -14,6 +15,15 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sampling import exponential_noise, pick_token, sample
+
+
+# inductor settings for the compiled decode step on a CPU, each measured to pay at stories15M's
+# shape (docs/benchmarks.md): the weights become constants of the graph (freezing), matmuls pick
+# the faster of ATen's kernel and inductor's own packed C++ GEMM (max_autotune), and the code
+# around the kernels runs as C++, not Python (cpp_wrapper)
+COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "cpp_wrapper": True}
 
 
 @dataclass
@@ -70,10 +80,15 @@ def apply_rope(x, cos, sin):
     for rows at different positions. Each pair is one complex number turned by the position's
     angle: a single multiply forwards and backwards, about 5x cheaper on a CPU than rotating the
     real pairs element by element (docs/finetuning.md, round 3)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    turn = torch.complex(cos.float(), sin.float())
-    turn = turn[:, :, None, :] if turn.dim() == 3 else turn[None, :, None, :]
-    return torch.view_as_real(pairs * turn).flatten(-2).type_as(x)
+    cos, sin = (t[:, :, None, :] if t.dim() == 3 else t[None, :, None, :] for t in (cos, sin))
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        # inductor generates no code for complex numbers; the real pairs fuse into one kernel
+        x0, x1 = pairs.unbind(-1)
+        turned = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return turned.flatten(-2).type_as(x)
+    turned = torch.view_as_complex(pairs) * torch.complex(cos.float(), sin.float())
+    return torch.view_as_real(turned).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -126,6 +141,9 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             # the whole cache comes back; mask says which positions each query may see
             k, v = self.kv_cache.update(input_pos, k, v)
+        if self.kv_cache is not None and seq == 1 and torch.compiler.is_compiling():
+            out = decode_attention(q, k, v, mask)
+            return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
         if self.n_kv_heads != self.n_heads:
             repeats = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
@@ -133,6 +151,18 @@ class Attention(nn.Module):
                                              dropout_p=self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, seq, -1)
         return self.resid_dropout(self.wo(out))
+
+
+def decode_attention(q, k, v, mask):
+    """One query per row against the whole cache, written out so that inductor fuses it: the
+    flash-attention kernel costs about 30 us a call on a CPU, whatever the size."""
+    batch, n_heads, _, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    q = q.view(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)  # the query heads of each kv head
+    scores = (q.float() @ k.float().transpose(2, 3)) / math.sqrt(head_dim)
+    scores = scores.masked_fill(~mask.view(-1, 1, 1, mask.shape[-1]), float("-inf"))
+    out = scores.softmax(dim=-1) @ v.float()
+    return out.view(batch, n_heads, 1, head_dim).type_as(q)
 
 
 class FeedForward(nn.Module):
@@ -245,6 +275,10 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
         param = self.tok_embeddings.weight
+        shape = (batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
+        caches = [layer.attention.kv_cache for layer in self.layers]
+        if all(c is not None and c.k.shape == shape and c.k.dtype == param.dtype for c in caches):
+            return  # reused as it is: what an earlier run left in it is masked until overwritten
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len,
                                                self.args.head_dim, param.dtype, param.device)
@@ -254,61 +288,85 @@ class Transformer(nn.Module):
         # than nn.Linear's (vocab, dim); in bfloat16 it is the other way round (docs/benchmarks.md)
         linear = type(self.output) is nn.Linear
         weight = self.output.weight
-        self.classifier = weight.t().contiguous() if linear and weight.dtype == torch.float32 else None
+        # the copy takes 20 ms at stories15M's size, so it is kept until the weight changes
+        made_from = getattr(self, "_classifier_made_from", (None, None))
+        if made_from[0] is not weight or made_from[1] != weight._version:
+            self.classifier = weight.t().contiguous() if linear and weight.dtype == torch.float32 else None
+            self._classifier_made_from = (weight, weight._version)
 
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.kv_cache = None
-        self.classifier = None
 
-    def next_token_logits(self, h):
-        h = h[:, -1, :]
+    def next_token_logits(self, h, last=None):
+        """Logits of each row's last position: h's final one, or the index in last (batch,)."""
+        h = h[:, -1, :] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
         return h @ self.classifier if self.classifier is not None else self.output(h)
 
-    def prefill(self, tokens):
-        """Run the whole prompt through the model once, filling the cache; last logits."""
+    def prefill(self, tokens, lengths=None):
+        """Run the prompts through the model once, filling the cache; each row's last logits.
+        lengths (batch,): rows padded on the right to one width. A row's padding lands in the
+        cache after its prompt, where its decode steps overwrite it before any query sees it."""
         input_pos = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.next_token_logits(self.hidden_states(tokens, input_pos))
+        return self.next_token_logits(self.hidden_states(tokens, input_pos), None if lengths is None else lengths - 1)
 
     def decode_step(self, token, input_pos):
         """One new token per sample at position input_pos (a 1-element tensor, or (batch, 1):
         each sample at its own position); its logits."""
         return self.next_token_logits(self.hidden_states(token, input_pos))
 
+    def decode_and_pick(self, token, input_pos, temperature, top_k, top_p, noise):
+        """decode_step and the sampler in one function, so that both compile into one graph."""
+        return pick_token(self.decode_step(token, input_pos), temperature, top_k, top_p, noise)
+
     def compiled_decode_step(self):
-        """decode_step compiled once: the same graph serves every position. torch.compile
-        itself is lazy, so this costs nothing until the first call."""
+        """decode_and_pick compiled once for this model's weights: the cache always holds
+        max_seq_len positions, so one graph serves every prompt length and position. On a CPU,
+        COMPILE_OPTIONS fold the weights into the graph (compiled_call_settings); torch.compile
+        is lazy, so this costs nothing until the first call."""
         if getattr(self, "_compiled_step", None) is None:
-            self._compiled_step = torch.compile(self.decode_step, fullgraph=True)
+            self._compiled_step = torch.compile(self.decode_and_pick, fullgraph=True)
         return self._compiled_step
 
     @torch.inference_mode()
     def generate(self, prompt, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
-                 stop_ids=(), use_cache=True, generator=None, compile=False) -> Iterator[torch.Tensor]:
+                 stop_ids=(), use_cache=True, generator=None, compile=False,
+                 lengths=None) -> Iterator[torch.Tensor]:
         """Yield a (batch,) tensor of new token ids per step. A sample that produced a stop id
         keeps yielding that id; the loop ends once every sample has stopped. compile: run the
-        decode step through torch.compile (the prompt's prefill stays eager)."""
-        batch, prompt_len = prompt.shape
+        decode step and the sampler through torch.compile (the prompt's prefill stays eager).
+        lengths (batch,): prompts of different lengths, padded on the right (needs the cache)."""
+        batch, width = prompt.shape
+        if lengths is not None and not use_cache:
+            raise ValueError("prompts of different lengths need the KV cache")
+        longest = width if lengths is None else int(max(lengths))
         # the last new token is never fed back in, so prompt + new - 1 positions must fit
-        max_new_tokens = min(max_new_tokens, self.args.max_seq_len - prompt_len + 1)
+        max_new_tokens = min(max_new_tokens, self.args.max_seq_len - longest + 1)
         stop = torch.tensor(list(stop_ids) or [-1], device=prompt.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
         tokens = prompt
-        step_fn = self.compiled_decode_step() if compile else self.decode_step
-        input_pos = torch.tensor([prompt_len], device=prompt.device)
+        step_fn = self.compiled_decode_step() if compile else self.decode_and_pick
+        if lengths is None:
+            input_pos = torch.tensor([width], device=prompt.device)  # every row at one position
+        else:
+            lengths = torch.as_tensor(lengths, device=prompt.device)
+            input_pos = lengths[:, None].clone()
         self.setup_classifier()
         if use_cache:
-            self.setup_cache(batch, prompt_len + max_new_tokens - 1)
+            self.setup_cache(batch, self.args.max_seq_len if compile else longest + max_new_tokens - 1)
         try:
             for step in range(max_new_tokens):
                 if not use_cache:
-                    logits = self.next_token_logits(self.hidden_states(tokens))
+                    next_token = sample(self.next_token_logits(self.hidden_states(tokens)),
+                                        temperature, top_k, top_p, generator)
                 elif step == 0:
-                    logits = self.prefill(prompt)
+                    next_token = sample(self.prefill(prompt, lengths), temperature, top_k, top_p, generator)
                 else:
-                    logits = step_fn(tokens, input_pos)
+                    noise = exponential_noise(batch, self.args.vocab_size, temperature, top_k, top_p,
+                                              generator, prompt.device)
+                    with compiled_call_settings(compile, step == 1, prompt.device):
+                        next_token = step_fn(tokens, input_pos, temperature, top_k, top_p, noise)
                     input_pos += 1  # in place: the next step sees the same tensor, one further
-                next_token = sample(logits, temperature, top_k, top_p, generator)
                 next_token = torch.where(finished, tokens[:, -1], next_token)
                 finished |= torch.isin(next_token, stop)
                 # the cached path only ever feeds back the newest token
@@ -317,7 +375,8 @@ class Transformer(nn.Module):
                 if finished.all():
                     break
         finally:
-            self.clear_cache()
+            if not compile:  # the compiled step keeps its cache for the next call
+                self.clear_cache()
 
     # ---- training helpers ------------------------------------------------------------------
 
@@ -342,29 +401,18 @@ class Transformer(nn.Module):
         return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
 
 
+def compiled_call_settings(compiled: bool, first: bool, device):
+    """A generation's first compiled step runs with COMPILE_OPTIONS (on a CPU), since only it can
+    compile: the rest of the generation keeps its shapes. Those later steps skip dynamo's guards,
+    about 90 us a call at stories15M's size, which the first step has checked."""
+    if not compiled:
+        return contextlib.nullcontext()
+    if first:
+        return torch._inductor.config.patch(COMPILE_OPTIONS if device.type == "cpu" else {})
+    return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+
+
 def _concat_linear(*linears):
     out = nn.Linear(linears[0].in_features, sum(l.out_features for l in linears), bias=False)
     out.weight = nn.Parameter(torch.cat([l.weight for l in linears]), requires_grad=False)
     return out
-
-
-def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row: greedy at temperature 0, else from the tempered distribution
-    cut to the top_k tokens and then to the smallest set holding top_p of the mass."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        # torch.topk returns its k values sorted, so top_p needs no further sort
-        logits, ids = torch.topk(logits, top_k, dim=-1)
-    elif top_p is not None and top_p < 1.0:
-        logits, ids = torch.sort(logits, descending=True, dim=-1)
-    else:
-        ids = None
-    if top_p is not None and top_p < 1.0:
-        probs = logits.softmax(dim=-1)
-        # drop a token once the mass BEFORE it already reaches top_p; the first always stays
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        logits = logits.masked_fill(drop, float("-inf"))
-    choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
-    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from docs_reference import greedy_story, hidden_dim_examples, model_table, param_counts
-from model import ModelArgs, Transformer, sample
+from model import ModelArgs, Transformer
+from sampling import sample
 
 BOS = 1
 
