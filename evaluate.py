@@ -288,31 +288,49 @@ def evaluation_prompt_format(formats, instruct=None, encoding=None) -> dict:
     return prompt_format(True, encoding)
 
 
+# evaluate.py compiles the decode step by default (--compile unset) when prompts x parameters reach
+# this: about 330 prompts of a stories15M-sized model. Below it the compile (about 20 s on 2 cores)
+# costs more than it saves (docs/benchmarks.md)
+AUTO_COMPILE_WORK = 5e9
+
+
+def compile_by_default(model, n_requests: int) -> bool:
+    n_params = sum(p.numel() for p in model.parameters())
+    return model.tok_embeddings.weight.device.type == "cpu" and n_requests * n_params >= AUTO_COMPILE_WORK
+
+
 def run_requests(model, tokenizer, requests, fmt, max_new_tokens, temperature, top_k,
-                 top_p, seed, compile=False, results=None):
+                 top_p, seed, compile=None, results=None, batch_size=16):
     """Sample one story per request, its prompt laid out and encoded as fmt (prompts.prompt_format)
-    says. Prompts of equal token length share a batch, sampled through generate.py's path
-    (compiled decode step if asked). Each batch's results are appended to `results` as it
-    finishes: a Ctrl-C keeps them."""
-    by_length = defaultdict(list)
-    for request in requests:
-        ids = prompt_ids(tokenizer, request.prompt, fmt["is_instruct"], fmt["prompt_encoding"])
-        by_length[len(ids)].append((request, ids))
-    room = model.args.max_seq_len - max(by_length) + 1  # what model.generate leaves the longest prompt
+    says, batch_size prompts at a time through generate.py's path. Prompts of any lengths share a
+    batch, so a compiled decode step (compile; None: compile_by_default) serves them all with one
+    graph: the last batch is filled up with copies of its last prompt. Each batch's results are
+    appended to `results` as it finishes: a Ctrl-C keeps them."""
+    if compile is None:
+        compile = compile_by_default(model, len(requests))
+    encoded = [(request, prompt_ids(tokenizer, request.prompt, fmt["is_instruct"], fmt["prompt_encoding"]))
+               for request in requests]
+    encoded.sort(key=lambda pair: len(pair[1]))  # similar lengths together: less padding to prefill
+    longest = len(encoded[-1][1]) if encoded else 0
+    room = model.args.max_seq_len - longest + 1  # what model.generate leaves the longest prompt
     if 0 < room < max_new_tokens:
         print(f"note: --max_new_tokens={max_new_tokens} is capped at {room} for the longest prompts "
-              f"({max(by_length)} tokens of the model's {model.args.max_seq_len}-token context)", file=sys.stderr)
+              f"({longest} tokens of the model's {model.args.max_seq_len}-token context)", file=sys.stderr)
     results = [] if results is None else results
     with tqdm(total=len(requests), desc="sampling stories", unit="story") as bar:
-        for length, group in sorted(by_length.items()):
-            tokens = sample_stories(model, tokenizer, [ids for _, ids in group], max_new_tokens,
-                                    temperature, top_k, top_p, seed + length, compile=compile)
-            for (request, _), story_tokens in zip(group, tokens):
+        for number, start in enumerate(range(0, len(encoded), batch_size)):
+            batch = encoded[start:start + batch_size]
+            prompts = [ids for _, ids in batch]
+            if compile:
+                prompts += [prompts[-1]] * (batch_size - len(batch))
+            tokens = sample_stories(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p,
+                                    seed + number, compile=compile)
+            for (request, _), story_tokens in zip(batch, tokens):
                 story = tokenizer.decode(story_tokens)
                 results.append({**asdict(request), "story": story, "n_tokens": len(story_tokens),
                                 "hit_max_new_tokens": len(story_tokens) >= max_new_tokens,
                                 **score_story(story, request)})
-            bar.update(len(group))
+            bar.update(len(batch))
     return results
 
 
@@ -372,7 +390,8 @@ def evaluate_checkpoint(loaded, args, requests, report_extra, fmt, partial=None)
         report["samples"] = []
         partial.append(report)  # from here on a Ctrl-C keeps what was sampled
         results = run_requests(model, tokenizer, requests, fmt, args.max_new_tokens, args.temperature,
-                               args.top_k, args.top_p, args.seed, args.compile, results=report["samples"])
+                               args.top_k, args.top_p, args.seed, args.compile, results=report["samples"],
+                               batch_size=args.batch_size)
         partial.pop()
         report.update(summarize(results))
         report["samples"] = report.pop("samples")  # keep the samples after the scores, as before
@@ -397,7 +416,7 @@ def build_parser():
     add_prompt_format_args(p)
     p.add_argument("--data", help="loss on: a shard folder, a .bin or .tokens.npy shard, or a .txt file")
     p.add_argument("--max_tokens", type=positive_int, default=1_000_000, help="at most this many tokens for the loss")
-    p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--batch_size", type=positive_int, default=16, help="rows per loss batch, and stories sampled together")
     p.add_argument("--prompts_file", help="JSONL of {verb, noun, adjective, features}")
     p.add_argument("--prompts_shard", help="take prompts from this corpus shard's metadata (e.g. data00.json)")
     p.add_argument("--num_prompts", type=int, default=0, help="prompts to sample (generated or from the shard)")
@@ -413,8 +432,9 @@ def build_parser():
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="as in generate.py")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="as in generate.py: worth it for many prompts (one compile per batch shape)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="as in generate.py: one compile serves every batch (default: on when the prompts "
+                        "times the model's parameters reach 5e9, e.g. 330 prompts of a stories15M)")
     return p
 
 

@@ -120,16 +120,19 @@ def check_prompt_length(model, prompts):
 
 def sample_stories(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p,
                    seed=None, use_cache=True, on_token=None, compile=False):
-    """Sample one continuation per prompt (token lists of equal length) as one batch; returns
+    """Sample one continuation per prompt (token lists, of any lengths) as one batch; returns
     one token list per prompt, cut before its stop token. on_token(step) sees every step."""
     check_prompt_length(model, prompts)
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    batch = torch.tensor(prompts, dtype=torch.long, device=device)
+    lengths = [len(ids) for ids in prompts]
+    width = max(lengths)
+    batch = torch.tensor([ids + [0] * (width - len(ids)) for ids in prompts], dtype=torch.long, device=device)
     stop_ids = (tokenizer.eos_id, tokenizer.bos_id)
     steps = []
     for step in model.generate(batch, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                               use_cache=use_cache, generator=generator, compile=compile):
+                               use_cache=use_cache, generator=generator, compile=compile,
+                               lengths=None if min(lengths) == width else lengths):
         steps.append(step.tolist())
         if on_token:
             on_token(steps[-1])

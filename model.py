@@ -346,6 +346,8 @@ class Transformer(nn.Module):
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
         tokens = prompt
         step_fn = self.compiled_decode_step() if compile else self.decode_and_pick
+        if lengths is None and compile:
+            lengths = [width] * batch  # one graph for every compiled call: each row at its own position
         if lengths is None:
             input_pos = torch.tensor([width], device=prompt.device)  # every row at one position
         else:

@@ -14,7 +14,10 @@ import generate
 from checkpoint import load_model
 from docs_reference import greedy_story
 from model import ModelArgs, Transformer
+from evaluate import Request, run_requests
+from prompts import prompt_format
 from quantize import Int8Linear, quantize_int8
+from sampling import exponential_noise, pick_token, sample
 from tokenizer import Tokenizer
 from test_generate import assert_usage_error, run_main
 
@@ -66,6 +69,57 @@ def test_compiled_matches_eager_on_a_random_stories15M_shaped_model():
     eager = greedy(model, prompts, 24)
     assert len({tuple(r) for r in eager.tolist()}) == 3
     assert torch.equal(greedy(model, prompts, 24, compile=True), eager)
+
+
+def test_evaluate_samples_every_prompt_length_through_one_compiled_graph(shared_data):
+    """Seven prompts of six token lengths , four to a batch (the second batch filled up with
+    copies): one graph, and each greedy story is the one its prompt gets alone and eager."""
+    model = stories260K(shared_data)
+    tokenizer = Tokenizer(os.path.join(shared_data, "tok512.model"))
+    fmt = prompt_format(False)  # stories260K continues the prompt's text: each prompt its own story
+    requests = [Request("run", "dog", "big"), Request("run", "dog", "big", ["dialogue"]),
+                Request("jump", "ball", "red", ["dialogue", "twist"]), Request("sing", "cat", "happy"),
+                Request("climb", "tree", "tall", ["badending"]), Request("eat", "cake", "sweet"),
+                Request("swim", "fish", "small", ["moralvalue", "foreshadowing"])]
+    lengths = {len(generate.prompt_ids(tokenizer, r.prompt, False, None)) for r in requests}
+    assert len(lengths) >= 5, lengths
+    before = counters["stats"]["unique_graphs"]
+    compiled = run_requests(model, tokenizer, requests, fmt, 40, 0.0, None, 1.0, 0, compile=True, batch_size=4)
+    assert counters["stats"]["unique_graphs"] == before + 1
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a second run reuses that graph
+        again = run_requests(model, tokenizer, requests[:3], fmt, 40, 0.0, None, 1.0, 0, compile=True, batch_size=4)
+    alone = {r.prompt: run_requests(model, tokenizer, [r], fmt, 40, 0.0, None, 1.0, 0, compile=False)[0]["story"]
+             for r in requests}
+    assert len(compiled) == 7 and len(set(alone.values())) > 3
+    assert {row["story"] for row in compiled} == set(alone.values())
+    for row in compiled + again:
+        assert row["story"] == alone[Request(row["verb"], row["noun"], row["adjective"], row["features"]).prompt]
+
+
+# ---- the sampler -----------------------------------------------------------------------------
+
+def test_the_exponential_race_draws_from_the_cut_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]])).repeat(40000, 1)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample(logits, 1.0, generator=generator), minlength=4) / 40000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.25, 0.15, 0.1]), atol=0.01, rtol=0)
+    # top_k=2 renormalises over the two most likely; top_p=0.7 keeps the tokens before 70% is reached
+    counts = torch.bincount(sample(logits, 1.0, top_k=2, generator=generator), minlength=4) / 40000
+    torch.testing.assert_close(counts, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.01, rtol=0)
+    counts = torch.bincount(sample(logits, 1.0, top_p=0.7, generator=generator), minlength=4) / 40000
+    torch.testing.assert_close(counts, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.01, rtol=0)
+    # a low temperature sharpens: 0.5 squares the odds
+    counts = torch.bincount(sample(logits, 0.5, generator=generator), minlength=4) / 40000
+    torch.testing.assert_close(counts, torch.tensor([25, 6.25, 2.25, 1]) / 34.5, atol=0.01, rtol=0)
+
+
+def test_the_compiled_sampler_picks_what_the_eager_one_picks():
+    logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(3)) * 3
+    compiled = torch.compile(pick_token, fullgraph=True)
+    for temperature, top_k, top_p in [(0, None, 1.0), (0.8, 10, 1.0), (1.0, None, 0.9), (0.5, 40, 0.8)]:
+        noise = exponential_noise(8, 500, temperature, top_k, top_p, torch.Generator().manual_seed(4))
+        assert torch.equal(compiled(logits, temperature, top_k, top_p, noise),
+                           pick_token(logits, temperature, top_k, top_p, noise))
 
 
 # ---- int8 weights ----------------------------------------------------------------------------
