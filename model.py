@@ -322,8 +322,9 @@ class Transformer(nn.Module):
     def compiled_decode_step(self):
         """decode_and_pick compiled once for this model's weights: the cache always holds
         max_seq_len positions, so one graph serves every prompt length and position. On a CPU,
-        COMPILE_OPTIONS fold the weights into the graph (compiled_call_settings); torch.compile
-        is lazy, so this costs nothing until the first call."""
+        COMPILE_OPTIONS fold the weights into the graph (compiled_call_settings), so it is for
+        sampling only: weights changed in place afterwards are not seen. torch.compile is lazy,
+        so this costs nothing until the first call."""
         if getattr(self, "_compiled_step", None) is None:
             self._compiled_step = torch.compile(self.decode_and_pick, fullgraph=True)
         return self._compiled_step

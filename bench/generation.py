@@ -6,6 +6,8 @@ bfloat16 and int8, at batch 1 and batch 8, side by side in one run.
     python bench/generation.py --variants=eager,f32   # some variants only
     python bench/generation.py --device=cuda          # on a GPU
     python bench/generation.py --profile              # where the eager cached step spends its time
+    python bench/generation.py --llama2c=../llama2.c   # with llama2.c's run.c and runq.c beside ours
+    python bench/generation.py --levers               # each inductor setting of the compiled step, alone
 
 Random weights in the published shapes (speed does not depend on what the weights say):
 stories15M (dim 288, 6 layers, 6 heads, hidden 768, vocab 32000, context 256) and stories110M
@@ -13,11 +15,17 @@ stories15M (dim 288, 6 layers, 6 heads, hidden 768, vocab 32000, context 256) an
 stop ids, so every run makes exactly --new_tokens tokens from a 1-token prompt, through
 `Transformer.generate` (the path generate.py takes, with the weights prepared as
 `generate.prepare_for_sampling` does). Each figure is the best of --repeats runs after a
-warm-up run (which, for a compiled variant, compiles). Compile time is measured in fresh
-processes: "cold" with an empty inductor cache, "warm" with the cache the cold one left.
+warm-up run (which, for a compiled variant, compiles). Start-up is measured in fresh processes,
+from the process's start (import torch included) to its first compiled token: "cold" with an
+empty inductor cache, "warm" with the cache the cold one left.
+
+With --llama2c=DIR (a checkout of karpathy/llama2.c; fetch it, never commit it), run.c and runq.c
+are built with -Ofast -fopenmp -march=native and run on the same weights, exported to a version-0
+.bin and a Q8_0 .bin, greedy, 256 tokens, each the best of --repeats; their own "achieved tok/s".
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,7 +34,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as model_module  # noqa: E402  (its COMPILE_OPTIONS are varied by --levers)
 from model import ModelArgs, Transformer  # noqa: E402
+from export import write_llama2c_q8, write_llama2c_v0  # noqa: E402
 from quantize import quantize_int8  # noqa: E402
 
 SHAPES = {"15M": dict(dim=288, n_layers=6, n_heads=6, hidden_dim=768, max_seq_len=256),
@@ -75,28 +85,75 @@ def tokens_per_s(model, batch, new_tokens, use_cache, compile, device, repeats):
     return batch * new_tokens / seconds
 
 
-def compile_seconds(shape, device, cache_dir):
-    """Seconds from the first compiled call to its result, in a fresh process (cold or warm
+# --levers: the compiled decode step's inductor settings (model.COMPILE_OPTIONS), added one at a time
+LEVERS = {"inductor's defaults": {},
+          "+ cpp_wrapper": {"cpp_wrapper": True},
+          "+ freezing": {"cpp_wrapper": True, "freezing": True},
+          "+ max_autotune (the default)": dict(model_module.COMPILE_OPTIONS)}
+
+
+def lever_table(shape, device, new_tokens, repeats, variants):
+    print(f"\nstories{shape} shape, batch 1, {new_tokens} new tokens, tokens/s of the compiled step with "
+          f"each set of inductor settings")
+    names = [v for v in variants if VARIANTS[v][1]]
+    print("| settings | " + " | ".join(LABELS[v] for v in names) + " |\n|---" * 1 + "|---" * len(names) + "|")
+    default = dict(model_module.COMPILE_OPTIONS)
+    try:
+        for label, options in LEVERS.items():
+            model_module.COMPILE_OPTIONS.clear()
+            model_module.COMPILE_OPTIONS.update(options)
+            rates = []
+            for name in names:
+                _, _, dtype, quantize = VARIANTS[name]
+                model = make_model(shape, device, dtype, quantize)
+                rates.append(tokens_per_s(model, 1, new_tokens, True, True, device, repeats))
+                del model
+                torch.compiler.reset()
+            print(f"| {label} | " + " | ".join(f"{r:.1f}" for r in rates) + " |")
+    finally:
+        model_module.COMPILE_OPTIONS.clear()
+        model_module.COMPILE_OPTIONS.update(default)
+
+
+def startup_seconds(shape, variant, device, cache_dir):
+    """Seconds from a fresh process's start to its first compiled token (cold or warm
     depending on what cache_dir holds)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--shapes={shape}",
-                          f"--device={device}", "--_time_compile"], env=env, capture_output=True,
+    started = time.time()
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--shapes={shape}", f"--variants={variant}",
+                          f"--device={device}", "--_first_token"], env=env, capture_output=True,
                          text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(out.stdout.strip().splitlines()[-1]) - started
 
 
-def time_first_compile(shape, device):
-    model = make_model(shape, device, torch.float32)
-    prompt = torch.ones(1, 1, dtype=torch.long, device=device)
-    with torch.inference_mode():
-        model.setup_cache(1, 8)
-        model.setup_classifier()
-        model.prefill(prompt)
-        step = model.compiled_decode_step()
-        start = time.perf_counter()
-        step(prompt, torch.tensor([1], device=device))
+def print_first_token_time(shape, variant, device):
+    _, _, dtype, quantize = VARIANTS[variant]
+    model = make_model(shape, device, dtype, quantize)
+    steps = model.generate(torch.ones(1, 1, dtype=torch.long, device=device), 2, temperature=0.0, compile=True)
+    next(steps), next(steps)  # the prompt's token (eager), then the first compiled one
     sync(device)
-    print(time.perf_counter() - start)
+    print(time.time())
+
+
+def llama2c_tokens_per_s(llama2c_dir, shape, new_tokens, repeats):
+    """{"run.c": tok/s, "runq.c": tok/s} on make_model's float32 weights, built and run here."""
+    model = make_model(shape, torch.device("cpu"), torch.float32, fuse=False)
+    state = {k: v for k, v in model.state_dict().items()}
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for program, writer in (("run", write_llama2c_v0), ("runq", write_llama2c_q8)):
+            binary, weights = os.path.join(tmp, program), os.path.join(tmp, program + ".bin")
+            subprocess.run(["gcc", "-Ofast", "-fopenmp", "-march=native", os.path.join(llama2c_dir, program + ".c"),
+                            "-lm", "-o", binary], check=True)
+            writer(weights, model.args, state)
+            rates = []
+            for _ in range(repeats):
+                out = subprocess.run([binary, weights, "-t", "0", "-n", str(new_tokens), "-i", "",
+                                      "-z", os.path.join(llama2c_dir, "tokenizer.bin")],
+                                     capture_output=True, text=True, check=True)
+                rates.append(float(re.search(r"achieved tok/s: ([0-9.]+)", out.stderr).group(1)))
+            result[program + ".c"] = max(rates)
+    return result
 
 
 def profile_decode(model, device, new_tokens):
@@ -121,9 +178,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: PyTorch's choice)")
     p.add_argument("--no_fuse", action="store_true", help="keep wq/wk/wv and w1/w3 as separate matmuls")
-    p.add_argument("--no_compile_time", action="store_true", help="skip the cold/warm compile timing")
+    p.add_argument("--no_compile_time", action="store_true", help="skip the cold/warm start-up timing")
+    p.add_argument("--llama2c", help="a llama2.c checkout: build and time its run.c and runq.c beside ours")
     p.add_argument("--profile", action="store_true", help="also profile one eager cached batch-1 run")
-    p.add_argument("--_time_compile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--levers", action="store_true", help="only the table of inductor settings (model.COMPILE_OPTIONS)")
+    p.add_argument("--_first_token", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -132,8 +191,8 @@ def main(argv=None):
     unknown = [s for s in shapes if s not in SHAPES] + [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown shape or variant: {', '.join(unknown)}")
-    if args._time_compile:
-        return time_first_compile(shapes[0], device)
+    if args._first_token:
+        return print_first_token_time(shapes[0], variants[0], device)
 
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
@@ -142,6 +201,9 @@ def main(argv=None):
           + (", wq/wk/wv and w1/w3 separate" if args.no_fuse else ""))
     for shape in shapes:
         new_tokens = args.new_tokens_110M if shape == "110M" else args.new_tokens
+        if args.levers:
+            lever_table(shape, device, new_tokens, args.repeats, variants)
+            continue
         rows = {}
         for name in variants:
             use_cache, compile, dtype, quantize = VARIANTS[name]
@@ -152,19 +214,28 @@ def main(argv=None):
                 profile_decode(model, device, new_tokens)
             del model
             torch.compiler.reset()  # each variant compiles afresh; none reuses another's graph
+        theirs = llama2c_tokens_per_s(args.llama2c, shape, new_tokens, args.repeats) if args.llama2c else {}
         base = rows.get("nocache", [None, None])
         print(f"\nstories{shape} shape, {new_tokens} new tokens; tokens/s (batch {args.batch}: all "
-              f"samples' tokens together); x: against no cache at the same batch size")
-        print(f"| variant | batch 1 | x | batch {args.batch} | x |\n|---|---|---|---|---|")
+              f"samples' tokens together); x: against no cache at the same batch size"
+              + ("; against llama2.c's run.c and runq.c at batch 1" if theirs else ""))
+        extra = [f"vs {name}" for name in theirs]
+        print(f"| variant | batch 1 | x | batch {args.batch} | x | " + " | ".join(extra) + " |")
+        print("|---" * (5 + len(extra)) + "|")
         for name, (b1, bn) in rows.items():
             ratios = [f"{v / b:.1f}x" if b else "" for v, b in ((b1, base[0]), (bn, base[1]))]
-            print(f"| {LABELS[name]} | {b1:.1f} | {ratios[0]} | {bn:.1f} | {ratios[1]} |")
-        if not args.no_compile_time and any(VARIANTS[v][1] for v in variants):
-            with tempfile.TemporaryDirectory() as cache_dir:
-                cold = compile_seconds(shape, args.device, cache_dir)
-                warm = compile_seconds(shape, args.device, cache_dir)
-            print(f"compile, float32 decode step, batch 1 (fresh process): cold {cold:.1f} s, "
-                  f"warm inductor cache {warm:.1f} s")
+            versus = [f"{b1 / rate:.2f}x" for rate in theirs.values()]
+            print(f"| {LABELS[name]} | {b1:.1f} | {ratios[0]} | {bn:.1f} | {ratios[1]} | " + " | ".join(versus) + " |")
+        for name, rate in theirs.items():
+            print(f"| llama2.c {name} ({'float32' if name == 'run.c' else 'Q8_0'}) | {rate:.1f} | | | | "
+                  + " | ".join(f"{rate / other:.2f}x" for other in theirs.values()) + " |")
+        if not args.no_compile_time:
+            for name in (v for v in variants if VARIANTS[v][1]):
+                with tempfile.TemporaryDirectory() as cache_dir:
+                    cold = startup_seconds(shape, name, args.device, cache_dir)
+                    warm = startup_seconds(shape, name, args.device, cache_dir)
+                print(f"start-up to the first compiled token, {LABELS[name]}, batch 1 (fresh process): "
+                      f"cold {cold:.1f} s, warm inductor cache {warm:.1f} s")
 
 
 if __name__ == "__main__":
