@@ -73,7 +73,7 @@ def test_compiled_matches_eager_on_a_random_stories15M_shaped_model():
 
 def test_evaluate_samples_every_prompt_length_through_one_compiled_graph(shared_data):
     """Seven prompts of six token lengths , four to a batch (the second batch filled up with
-    copies): one graph, and each greedy story is the one its prompt gets alone and eager."""
+    copies): one graph, and each greedy story, compiled or eager, is the one its prompt gets alone."""
     model = stories260K(shared_data)
     tokenizer = Tokenizer(os.path.join(shared_data, "tok512.model"))
     fmt = prompt_format(False)  # stories260K continues the prompt's text: each prompt its own story
@@ -88,11 +88,12 @@ def test_evaluate_samples_every_prompt_length_through_one_compiled_graph(shared_
     assert counters["stats"]["unique_graphs"] == before + 1
     with torch._dynamo.config.patch(error_on_recompile=True):  # a second run reuses that graph
         again = run_requests(model, tokenizer, requests[:3], fmt, 40, 0.0, None, 1.0, 0, compile=True, batch_size=4)
+    eager = run_requests(model, tokenizer, requests, fmt, 40, 0.0, None, 1.0, 0, compile=False, batch_size=4)
     alone = {r.prompt: run_requests(model, tokenizer, [r], fmt, 40, 0.0, None, 1.0, 0, compile=False)[0]["story"]
              for r in requests}
-    assert len(compiled) == 7 and len(set(alone.values())) > 3
+    assert len(compiled) == len(eager) == 7 and len(set(alone.values())) > 3
     assert {row["story"] for row in compiled} == set(alone.values())
-    for row in compiled + again:
+    for row in compiled + again + eager:
         assert row["story"] == alone[Request(row["verb"], row["noun"], row["adjective"], row["features"]).prompt]
 
 

@@ -312,6 +312,20 @@ def run_cli(argv):
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+def logged_iters(out):
+    rows = metrics.read_rows(str(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else []
+    return max((row["iter"] for row in rows), default=-1)
+
+
+def wait_for_steps(out, steps, proc, timeout=60):
+    """Until proc's run has logged `steps` iterations past where it started (it rewrites the
+    log from its resume point), it ends, or timeout seconds pass."""
+    start = logged_iters(out)
+    deadline = time.time() + timeout
+    while steps and proc.poll() is None and time.time() < deadline and logged_iters(out) < start + steps:
+        time.sleep(0.002)
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_breaks_last_pt_and_resume_is_exact(pretrain_dir, tmp_path):
     """A run killed (SIGKILL: no cleanup at all) at KILL_POINTS moments, half of them while a
@@ -333,8 +347,9 @@ def test_sigkill_at_random_moments_never_breaks_last_pt_and_resume_is_exact(pret
             while proc.poll() is None and time.time() < deadline and not writing():
                 time.sleep(0.001)
             during_write += writing()
-        else:
-            time.sleep(rng.uniform(1.0, 4.0))  # start-up is ~1-2 s: some kills land before any step
+        else:  # after 0 to 3 more logged steps: some kills land before any step, on any CPU's speed
+            wait_for_steps(out, rng.randint(0, 3), proc)
+            time.sleep(rng.uniform(0.0, 0.05))
         if proc.poll() is not None:
             break  # finished before this kill: the run is complete
         proc.send_signal(signal.SIGKILL)
