@@ -20,25 +20,28 @@ def exponential_noise(batch, vocab_size, temperature, top_k=None, top_p=None, ge
     return torch.empty(batch, candidate_count(vocab_size, top_k), device=device).exponential_(generator=generator)
 
 
-def pick_token(logits, temperature, top_k, top_p, noise):
+def pick_token(logits, temperature, top_k, top_p, noise, ids=None):
     """One token per row of logits (batch, vocab): greedy at temperature 0, else a draw from the
     tempered distribution cut to the top_k tokens and then to the smallest set holding top_p of
-    the mass, made with noise from exponential_noise."""
+    the mass, made with noise from exponential_noise. ids (batch, n): the token ids of logits'
+    columns, when they are some candidates, not the whole vocabulary."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    ids = None
-    if top_k is not None and top_k < logits.size(-1):
-        # torch.topk returns its k values sorted, so top_p needs no further sort
-        logits, ids = torch.topk(logits, top_k, dim=-1)
-    elif top_p is not None and top_p < 1.0:
-        logits, ids = torch.sort(logits, descending=True, dim=-1)
-    probs = logits.softmax(dim=-1)
-    if top_p is not None and top_p < 1.0:
-        # drop a token once the mass BEFORE it already reaches top_p; the first always stays
-        probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p, 0.0)
-    # a zero draw must not make 0 / 0 of a dropped token
-    choice = (probs / noise.clamp(min=1e-20)).argmax(dim=-1, keepdim=True)
+        choice = logits.argmax(dim=-1, keepdim=True)
+    else:
+        logits = logits.float() / temperature
+        cut = None
+        if top_k is not None and top_k < logits.size(-1):
+            # torch.topk returns its k values sorted, so top_p needs no further sort
+            logits, cut = torch.topk(logits, top_k, dim=-1)
+        elif top_p is not None and top_p < 1.0:
+            logits, cut = torch.sort(logits, descending=True, dim=-1)
+        probs = logits.softmax(dim=-1)
+        if top_p is not None and top_p < 1.0:
+            # drop a token once the mass BEFORE it already reaches top_p; the first always stays
+            probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p, 0.0)
+        # a zero draw must not make 0 / 0 of a dropped token
+        choice = (probs / noise.clamp(min=1e-20)).argmax(dim=-1, keepdim=True)
+        choice = choice if cut is None else cut.gather(-1, choice)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 

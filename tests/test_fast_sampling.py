@@ -69,6 +69,13 @@ def test_compiled_matches_eager_on_a_random_stories15M_shaped_model():
     eager = greedy(model, prompts, 24)
     assert len({tuple(r) for r in eager.tolist()}) == 3
     assert torch.equal(greedy(model, prompts, 24, compile=True), eager)
+    # compiled, the 32,000 logits are ranked in bfloat16 and only the best candidates' computed
+    # exactly (model.RANKED_SPARE): top-k draws from the same noise still pick the same tokens
+    assert model.ranker is not None and model.ranker.dtype == torch.bfloat16
+    drawn = [torch.stack(list(model.generate(prompts, 24, temperature=0.8, top_k=10, compile=compile,
+                                             generator=torch.Generator().manual_seed(5))), dim=1)
+             for compile in (False, True)]
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], eager)
 
 
 def test_evaluate_samples_every_prompt_length_through_one_compiled_graph(shared_data):
