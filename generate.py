@@ -13,6 +13,7 @@ import time
 
 import torch
 
+import decode_package
 from checkpoint import load_model, load_tokenizer_for
 from cli import (DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, run_main,
                  torch_dtype)
@@ -120,7 +121,7 @@ def check_prompt_length(model, prompts):
 
 
 def sample_stories(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p,
-                   seed=None, use_cache=True, on_token=None, compile=False):
+                   seed=None, use_cache=True, on_token=None, compile=False, package=None):
     """Sample one continuation per prompt (token lists, of any lengths) as one batch; returns
     one token list per prompt, cut before its stop token. on_token(step) sees every step."""
     check_prompt_length(model, prompts)
@@ -132,7 +133,7 @@ def sample_stories(model, tokenizer, prompts, max_new_tokens, temperature, top_k
     stop_ids = (tokenizer.eos_id, tokenizer.bos_id)
     steps = []
     for step in model.generate(batch, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                               use_cache=use_cache, generator=generator, compile=compile,
+                               use_cache=use_cache, generator=generator, compile=compile, package=package,
                                lengths=None if min(lengths) == width else lengths):
         steps.append(step.tolist())
         if on_token:
@@ -185,10 +186,15 @@ def main(argv=None):
         stream = TextStream(tokenizer, shown) if args.num_samples == 1 else None
         if stream and not instruct and text:
             print(stream.text, end="", flush=True)
+        package = None
+        if args.compile and torch.device(args.device).type == "cpu":
+            top_k = args.top_k if args.temperature else None
+            package = decode_package.load_or_build(model, args.num_samples, args.temperature, top_k, args.top_p)
         start = time.perf_counter()
         samples = sample_stories(model, tokenizer, [ids] * args.num_samples, args.max_new_tokens,
                                  args.temperature, args.top_k, args.top_p, args.seed,
-                                 use_cache=not args.no_kv_cache, on_token=stream, compile=args.compile)
+                                 use_cache=not args.no_kv_cache, on_token=stream, compile=args.compile,
+                                 package=package)
         seconds = time.perf_counter() - start
     except UsageError as exc:  # the loader's and the tokenizer's errors are usage errors too
         return report_error(exc)

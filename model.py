@@ -295,13 +295,15 @@ class Transformer(nn.Module):
         linear = type(self.output) is nn.Linear
         weight = self.output.weight
         # the copy takes 20 ms at stories15M's size, so it is kept until the weight changes
+        # (an inference tensor keeps no version: made in inference mode, it is taken as unchanged)
+        version = None if weight.is_inference() else weight._version
         made_from = getattr(self, "_classifier_made_from", (None, None))
-        if made_from[0] is not weight or made_from[1] != weight._version:
+        if made_from[0] is not weight or made_from[1] != version:
             float32 = linear and weight.dtype == torch.float32
             self.classifier = weight.t().contiguous() if float32 else None
             # the compiled step ranks a large vocabulary with a bfloat16 copy: half the bytes
             self.ranker = weight.bfloat16() if float32 and weight.shape[0] >= RANKED_VOCAB else None
-            self._classifier_made_from = (weight, weight._version)
+            self._classifier_made_from = (weight, version)
 
     def clear_cache(self):
         for layer in self.layers:
@@ -352,11 +354,13 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def generate(self, prompt, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
                  stop_ids=(), use_cache=True, generator=None, compile=False,
-                 lengths=None) -> Iterator[torch.Tensor]:
+                 lengths=None, package=None) -> Iterator[torch.Tensor]:
         """Yield a (batch,) tensor of new token ids per step. A sample that produced a stop id
         keeps yielding that id; the loop ends once every sample has stopped. compile: run the
         decode step and the sampler through torch.compile (the prompt's prefill stays eager).
-        lengths (batch,): prompts of different lengths, padded on the right (needs the cache)."""
+        lengths (batch,): prompts of different lengths, padded on the right (needs the cache).
+        package: decode_package's runner for these settings, which holds its own cache: the
+        prompt goes through it a token at a time."""
         batch, width = prompt.shape
         if lengths is not None and not use_cache:
             raise ValueError("prompts of different lengths need the KV cache")
@@ -367,6 +371,7 @@ class Transformer(nn.Module):
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
         tokens = prompt
         step_fn = self.compiled_decode_step() if compile else self.decode_and_pick
+        compile = compile or package is not None
         if lengths is None and compile:
             lengths = [width] * batch  # one graph for every compiled call: each row at its own position
         if lengths is None:
@@ -374,21 +379,29 @@ class Transformer(nn.Module):
         else:
             lengths = torch.as_tensor(lengths, device=prompt.device)
             input_pos = lengths[:, None].clone()
-        self.setup_classifier()
-        if use_cache:
+        draw = lambda: exponential_noise(batch, self.args.vocab_size, temperature, top_k, top_p, generator, prompt.device)
+        if package is not None:
+            step_fn = lambda token, position, *_, noise: package(
+                token, position, torch.zeros(batch, 1, device=prompt.device) if noise is None else noise)
+        else:
+            self.setup_classifier()
+        if use_cache and package is None:
             self.setup_cache(batch, self.args.max_seq_len if compile else longest + max_new_tokens - 1)
         try:
             for step in range(max_new_tokens):
                 if not use_cache:
                     next_token = sample(self.next_token_logits(self.hidden_states(tokens)),
                                         temperature, top_k, top_p, generator)
+                elif step == 0 and package is not None:
+                    # every row's prompt, a position at a time; a row's pick after its last token is its first
+                    picks = [step_fn(prompt[:, i:i + 1], torch.full_like(input_pos, i), noise=draw())
+                             for i in range(width)]
+                    next_token = torch.stack(picks, dim=1).gather(1, input_pos - 1).squeeze(1)
                 elif step == 0:
                     next_token = sample(self.prefill(prompt, lengths), temperature, top_k, top_p, generator)
                 else:
-                    noise = exponential_noise(batch, self.args.vocab_size, temperature, top_k, top_p,
-                                              generator, prompt.device)
-                    with compiled_call_settings(compile, step == 1, prompt.device):
-                        next_token = step_fn(tokens, input_pos, temperature, top_k, top_p, noise)
+                    with compiled_call_settings(compile and package is None, step == 1, prompt.device):
+                        next_token = step_fn(tokens, input_pos, temperature, top_k, top_p, noise=draw())
                     input_pos += 1  # in place: the next step sees the same tensor, one further
                 next_token = torch.where(finished, tokens[:, -1], next_token)
                 finished |= torch.isin(next_token, stop)

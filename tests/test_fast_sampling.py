@@ -104,6 +104,23 @@ def test_evaluate_samples_every_prompt_length_through_one_compiled_graph(shared_
         assert row["story"] == alone[Request(row["verb"], row["noun"], row["adjective"], row["features"]).prompt]
 
 
+def test_generate_compile_builds_a_checked_package_once_and_a_second_run_loads_it(shared_data, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """generate.py --compile on stories260K: the first run compiles the decode step into an
+    AOTInductor package in the cache folder (checked against the eager step: with max_autotune
+    this model's package picks wrong tokens, so it is rebuilt without); the second loads it; both
+    print the published greedy story, as the eager run does."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    args = [f"--model_path={shared_data}/stories260K.pt", "--temperature=0", "--max_new_tokens=200", "--device=cpu"]
+    eager = run_main(capsys, *args)
+    first, second = run_main(capsys, *args, "--compile"), run_main(capsys, *args, "--compile")
+    assert eager.returncode == first.returncode == second.returncode == 0, first.stderr
+    assert first.stdout == second.stdout == eager.stdout and eager.stdout.strip() == greedy_story().strip()
+    assert "compiling the decode step" in first.stderr and "without max_autotune" in first.stderr
+    assert "compiling" not in second.stderr and "compiled" in second.stderr  # the summary line
+    assert len(list((tmp_path / "tinystories_instruct" / "decode").glob("*.pt2"))) == 1
+
+
 # ---- the sampler -----------------------------------------------------------------------------
 
 def test_the_exponential_race_draws_from_the_cut_distribution():

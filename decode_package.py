@@ -1,0 +1,133 @@
+"""generate.py --compile's decode step, compiled ahead of time into an AOTInductor package.
+
+torch.compile repeats most of its work in every new process: with the weights folded into the
+graph (model.COMPILE_OPTIONS) inductor's cache cannot even hold the result, so a second run of
+a float32 model compiled again for about 20 s (docs/benchmarks.md). A package is compiled once,
+kept in a cache folder under a digest of everything that went into it (the weights as prepared
+for sampling, batch size, the sampling settings, torch and this code), and loads in about 2 s.
+
+The package is the step and the sampler with the weights and the KV cache inside it:
+(token, position, noise) -> next token, for a fixed batch size. A prompt goes through it one
+token at a time, so it needs nothing from the model in Python once loaded.
+"""
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import model as model_module
+from sampling import candidate_count
+
+# packaged with max_autotune, inductor's C++ GEMM templates gave stories260K wrong tokens from the
+# fourth step on (torch 2.13; compiled in-process they are right). So every package is checked
+# against the eager step when built, and rebuilt without max_autotune if it disagrees
+CHECK_STEPS = 16
+
+CODE_FILES = ("model.py", "sampling.py", "quantize.py", "decode_package.py")
+
+
+def cache_folder() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tinystories_instruct", "decode")
+
+
+def package_key(model, batch, temperature, top_k, top_p) -> str:
+    """A digest of the weights as prepared for sampling (a LoRA adapter's base, int8 and dtype
+    included), the batch size, the sampling settings, torch and this code."""
+    digest = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in CODE_FILES:
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    settings = [batch, temperature, top_k, top_p if temperature else None, torch.__version__,
+                sorted(model_module.COMPILE_OPTIONS.items())]
+    digest.update(json.dumps(settings, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+class DecodeStep(nn.Module):
+    """What the package holds: model.decode_and_pick with the sampling settings fixed."""
+
+    def __init__(self, model, temperature, top_k, top_p):
+        super().__init__()
+        self.model, self.temperature, self.top_k, self.top_p = model, temperature, top_k, top_p
+
+    def forward(self, token, input_pos, noise):
+        return self.model.decode_and_pick(token, input_pos, self.temperature, self.top_k, self.top_p,
+                                          noise if self.temperature else None)
+
+
+def example_inputs(model, batch, temperature, top_k):
+    device = model.tok_embeddings.weight.device
+    token = torch.ones(batch, 1, dtype=torch.long, device=device)
+    # greedy takes no noise: a (batch, 1) placeholder, as model.generate passes it
+    noise = torch.ones(batch, candidate_count(model.args.vocab_size, top_k) if temperature else 1, device=device)
+    return token, torch.zeros(batch, 1, dtype=torch.long, device=device), noise
+
+
+def build(model, path, batch, temperature, top_k, top_p, options):
+    model.setup_cache(batch, model.args.max_seq_len)
+    model.setup_classifier()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export's notes on its own internals, not the user's business
+        program = torch.export.export(DecodeStep(model, temperature, top_k, top_p).eval(),
+                                      example_inputs(model, batch, temperature, top_k), strict=False)
+        # the packager wants a name ending in .pt2: a temporary one, renamed when complete
+        tmp = os.path.join(os.path.dirname(path), f".{os.getpid()}.{os.path.basename(path)}")
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=dict(options))
+            if not agrees_with_eager(torch._inductor.aoti_load_package(tmp), model, batch, temperature, top_k, top_p):
+                return False
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            model.clear_cache()
+    return True
+
+
+@torch.inference_mode()
+def agrees_with_eager(runner, model, batch, temperature, top_k, top_p) -> bool:
+    """The package's picks equal the eager step's over CHECK_STEPS positions, same noise."""
+    model.setup_cache(batch, model.args.max_seq_len)
+    token, position, _ = example_inputs(model, batch, temperature, top_k)
+    generator = torch.Generator(device=token.device).manual_seed(0)
+    ours = theirs = token
+    for i in range(CHECK_STEPS):
+        noise = example_inputs(model, batch, temperature, top_k)[2].exponential_(generator=generator)
+        ours = runner(ours.view(batch, 1), position + i, noise).view(batch, 1)
+        theirs = model.decode_and_pick(theirs, position + i, temperature, top_k, top_p,
+                                       noise if temperature else None).view(batch, 1)
+        if not torch.equal(ours, theirs):
+            return False
+    return True
+
+
+def load_or_build(model, batch, temperature, top_k, top_p, stream=None):
+    """The package's runner for this model (as prepared for sampling) and these settings:
+    (token, position, noise) -> (batch,) tokens."""
+    stream = stream or sys.stderr
+    key = package_key(model, batch, temperature, top_k, top_p)
+    path = os.path.join(cache_folder(), key + ".pt2")
+    if not os.path.exists(path):
+        os.makedirs(cache_folder(), exist_ok=True)
+        print(f"compiling the decode step into {path}: once for this checkpoint and these settings "
+              "(about a minute on 2 cores)", file=stream)
+        start = time.perf_counter()
+        options = dict(model_module.COMPILE_OPTIONS) if model.tok_embeddings.weight.device.type == "cpu" else {}
+        if not build(model, path, batch, temperature, top_k, top_p, options):
+            print("note: the package disagreed with the eager step; compiling it again without max_autotune",
+                  file=stream)
+            options.pop("max_autotune", None)
+            if not build(model, path, batch, temperature, top_k, top_p, options):
+                raise RuntimeError("the compiled decode step disagrees with the eager one; sample without --compile")
+        print(f"compiled in {time.perf_counter() - start:.0f} s", file=stream)
+    return torch._inductor.aoti_load_package(path)
