@@ -42,9 +42,9 @@ def build_parser():
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 matmuls, quantized at load time")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the decode step and the sampler: 2.2x (float32) to 2.9x (int8) the eager "
-                        "tokens/s (docs/benchmarks.md), after a compile of 20-45 s on 2 cores (int8: about "
-                        "6 s with a warm inductor cache)")
+                   help="compile the decode step and the sampler ahead of time (an AOTInductor package, kept in "
+                        "~/.cache/tinystories_instruct/decode): 2.2x (float32) to 2.9x (int8) the eager tokens/s; "
+                        "the first run builds it (20-45 s on 2 cores), later ones load it in about 2 s")
     p.add_argument("--no_kv_cache", action="store_true", help="recompute the whole context each step")
     return p
 
