@@ -15,7 +15,8 @@ stories15M (dim 288, 6 layers, 6 heads, hidden 768, vocab 32000, context 256) an
 stop ids, so every run makes exactly --new_tokens tokens from a 1-token prompt, through
 `Transformer.generate` (the path generate.py takes, with the weights prepared as
 `generate.prepare_for_sampling` does). Each figure is the best of --repeats runs after a
-warm-up run (which, for a compiled variant, compiles). Start-up is measured in fresh processes,
+warm-up run (which, for a compiled variant, compiles; the package variants, generate.py
+--compile's AOTInductor package, are built first and not timed). Start-up is measured in fresh processes,
 from the process's start (import torch included) to its first compiled token: "cold" with an
 empty inductor cache, "warm" with the cache the cold one left.
 
@@ -34,6 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import decode_package  # noqa: E402
 import model as model_module  # noqa: E402  (its COMPILE_OPTIONS are varied by --levers)
 from model import ModelArgs, Transformer  # noqa: E402
 from export import write_llama2c_q8, write_llama2c_v0  # noqa: E402
@@ -46,9 +48,14 @@ VARIANTS = {"nocache": (False, False, torch.float32, None),
             "eager": (True, False, torch.float32, None),
             "f32": (True, True, torch.float32, None),
             "bf16": (True, True, torch.bfloat16, None),
-            "int8": (True, True, torch.float32, "int8")}
+            "int8": (True, True, torch.float32, "int8"),
+            "f32pkg": (True, "package", torch.float32, None),
+            "bf16pkg": (True, "package", torch.bfloat16, None),
+            "int8pkg": (True, "package", torch.float32, "int8")}
 LABELS = {"nocache": "no cache, float32", "eager": "KV cache, eager, float32",
-          "f32": "compiled, float32", "bf16": "compiled, bfloat16", "int8": "compiled, int8 weights"}
+          "f32": "compiled, float32", "bf16": "compiled, bfloat16", "int8": "compiled, int8 weights",
+          "f32pkg": "package (generate.py --compile), float32", "bf16pkg": "package, bfloat16",
+          "int8pkg": "package, int8 weights"}
 
 
 def make_model(shape, device, dtype, quantize=None, fuse=True):
@@ -70,8 +77,16 @@ def run_once(model, batch, new_tokens, use_cache, compile, device):
     prompt = torch.ones(batch, 1, dtype=torch.long, device=device)  # BOS
     sync(device)
     start = time.perf_counter()
-    steps = list(model.generate(prompt, new_tokens, temperature=0.0, stop_ids=(), use_cache=use_cache,
-                                compile=compile))
+    if compile == "package":  # decode_package's runner, built once per batch size (not timed)
+        runners = model.__dict__.setdefault("bench_packages", {})
+        if batch not in runners:
+            runners[batch] = decode_package.load_or_build(model, batch, 0.0, None, 1.0, stream=open(os.devnull, "w"))
+        sync(device)
+        start = time.perf_counter()
+        steps = list(model.generate(prompt, new_tokens, temperature=0.0, stop_ids=(), package=runners[batch]))
+    else:
+        steps = list(model.generate(prompt, new_tokens, temperature=0.0, stop_ids=(), use_cache=use_cache,
+                                    compile=compile))
     sync(device)
     seconds = time.perf_counter() - start
     assert len(steps) == new_tokens, f"made {len(steps)} tokens, expected {new_tokens}"
@@ -95,7 +110,7 @@ LEVERS = {"inductor's defaults": {},
 def lever_table(shape, device, new_tokens, repeats, variants):
     print(f"\nstories{shape} shape, batch 1, {new_tokens} new tokens, tokens/s of the compiled step with "
           f"each set of inductor settings")
-    names = [v for v in variants if VARIANTS[v][1]]
+    names = [v for v in variants if VARIANTS[v][1] is True]
     print("| settings | " + " | ".join(LABELS[v] for v in names) + " |\n|---" * 1 + "|---" * len(names) + "|")
     default = dict(model_module.COMPILE_OPTIONS)
     try:
@@ -193,6 +208,9 @@ def main(argv=None):
         p.error(f"unknown shape or variant: {', '.join(unknown)}")
     if args._first_token:
         return print_first_token_time(shapes[0], variants[0], device)
+    if any(VARIANTS[v][1] == "package" for v in variants):  # the packages go to a folder of the bench's own
+        packages = tempfile.TemporaryDirectory()
+        os.environ["XDG_CACHE_HOME"] = packages.name
 
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
@@ -230,7 +248,7 @@ def main(argv=None):
             print(f"| llama2.c {name} ({'float32' if name == 'run.c' else 'Q8_0'}) | {rate:.1f} | | | | "
                   + " | ".join(f"{rate / other:.2f}x" for other in theirs.values()) + " |")
         if not args.no_compile_time:
-            for name in (v for v in variants if VARIANTS[v][1]):
+            for name in (v for v in variants if VARIANTS[v][1] is True):
                 with tempfile.TemporaryDirectory() as cache_dir:
                     cold = startup_seconds(shape, name, args.device, cache_dir)
                     warm = startup_seconds(shape, name, args.device, cache_dir)
