@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import model as model_module
+from cli import ToolError
 from sampling import candidate_count
 
 # packaged with max_autotune, inductor's C++ GEMM templates gave stories260K wrong tokens from the
@@ -98,11 +99,11 @@ def build(model, path, batch, temperature, top_k, top_p, options):
 def agrees_with_eager(runner, model, batch, temperature, top_k, top_p) -> bool:
     """The package's picks equal the eager step's over CHECK_STEPS positions, same noise."""
     model.setup_cache(batch, model.args.max_seq_len)
-    token, position, _ = example_inputs(model, batch, temperature, top_k)
+    token, position, noise = example_inputs(model, batch, temperature, top_k)
     generator = torch.Generator(device=token.device).manual_seed(0)
     ours = theirs = token
     for i in range(CHECK_STEPS):
-        noise = example_inputs(model, batch, temperature, top_k)[2].exponential_(generator=generator)
+        noise = torch.empty_like(noise).exponential_(generator=generator)
         ours = runner(ours.view(batch, 1), position + i, noise).view(batch, 1)
         theirs = model.decode_and_pick(theirs, position + i, temperature, top_k, top_p,
                                        noise if temperature else None).view(batch, 1)
@@ -128,6 +129,6 @@ def load_or_build(model, batch, temperature, top_k, top_p, stream=None):
                   file=stream)
             options.pop("max_autotune", None)
             if not build(model, path, batch, temperature, top_k, top_p, options):
-                raise RuntimeError("the compiled decode step disagrees with the eager one; sample without --compile")
+                raise ToolError("the compiled decode step disagrees with the eager one; sample without --compile")
         print(f"compiled in {time.perf_counter() - start:.0f} s", file=stream)
     return torch._inductor.aoti_load_package(path)

@@ -29,7 +29,6 @@ import random
 import re
 import sys
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import List
 

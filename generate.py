@@ -15,8 +15,8 @@ import torch
 
 import decode_package
 from checkpoint import load_model, load_tokenizer_for
-from cli import (DTYPE_NAMES, OneLineParser, UsageError, check_device, default_device, report_error, run_main,
-                 torch_dtype)
+from cli import (DTYPE_NAMES, OneLineParser, ToolError, UsageError, check_device, default_device, report_error,
+                 run_main, torch_dtype)
 from prompts import PROMPT_ENCODINGS, build_prompt, override_prompt_format, prompt_ids
 from quantize import quantize_int8
 
@@ -196,7 +196,7 @@ def main(argv=None):
                                  use_cache=not args.no_kv_cache, on_token=stream, compile=args.compile,
                                  package=package)
         seconds = time.perf_counter() - start
-    except UsageError as exc:  # the loader's and the tokenizer's errors are usage errors too
+    except ToolError as exc:  # usage errors (the loader's and the tokenizer's too), a package that fails its check
         return report_error(exc)
     if args.num_samples == 1:
         print()

@@ -370,7 +370,6 @@ class Transformer(nn.Module):
         stop = torch.tensor(list(stop_ids) or [-1], device=prompt.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
         tokens = prompt
-        step_fn = self.compiled_decode_step() if compile else self.decode_and_pick
         compile = compile or package is not None
         if lengths is None and compile:
             lengths = [width] * batch  # one graph for every compiled call: each row at its own position
@@ -379,11 +378,12 @@ class Transformer(nn.Module):
         else:
             lengths = torch.as_tensor(lengths, device=prompt.device)
             input_pos = lengths[:, None].clone()
-        draw = lambda: exponential_noise(batch, self.args.vocab_size, temperature, top_k, top_p, generator, prompt.device)
+        draw = lambda: exponential_noise(batch, self.args.vocab_size, temperature, top_k, generator, prompt.device)
         if package is not None:
-            step_fn = lambda token, position, *_, noise: package(
-                token, position, torch.zeros(batch, 1, device=prompt.device) if noise is None else noise)
+            no_noise = torch.zeros(batch, 1, device=prompt.device)  # greedy: the package's placeholder input
+            step_fn = lambda token, position, *_, noise: package(token, position, no_noise if noise is None else noise)
         else:
+            step_fn = self.compiled_decode_step() if compile else self.decode_and_pick
             self.setup_classifier()
         if use_cache and package is None:
             self.setup_cache(batch, self.args.max_seq_len if compile else longest + max_new_tokens - 1)

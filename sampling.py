@@ -13,7 +13,7 @@ def candidate_count(vocab_size, top_k=None):
     return min(top_k, vocab_size) if top_k is not None else vocab_size
 
 
-def exponential_noise(batch, vocab_size, temperature, top_k=None, top_p=None, generator=None, device="cpu"):
+def exponential_noise(batch, vocab_size, temperature, top_k=None, generator=None, device="cpu"):
     """Exp(1) draws, one per row and candidate token; None for greedy, which needs none."""
     if temperature == 0:
         return None
@@ -47,6 +47,5 @@ def pick_token(logits, temperature, top_k, top_p, noise, ids=None):
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """pick_token with its draws made here from generator: the eager sampler."""
-    noise = exponential_noise(logits.shape[0], logits.shape[-1], temperature, top_k, top_p,
-                              generator, logits.device)
+    noise = exponential_noise(logits.shape[0], logits.shape[-1], temperature, top_k, generator, logits.device)
     return pick_token(logits, temperature, top_k, top_p, noise)

@@ -142,7 +142,7 @@ def test_the_compiled_sampler_picks_what_the_eager_one_picks():
     logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(3)) * 3
     compiled = torch.compile(pick_token, fullgraph=True)
     for temperature, top_k, top_p in [(0, None, 1.0), (0.8, 10, 1.0), (1.0, None, 0.9), (0.5, 40, 0.8)]:
-        noise = exponential_noise(8, 500, temperature, top_k, top_p, torch.Generator().manual_seed(4))
+        noise = exponential_noise(8, 500, temperature, top_k, torch.Generator().manual_seed(4))
         assert torch.equal(compiled(logits, temperature, top_k, top_p, noise),
                            pick_token(logits, temperature, top_k, top_p, noise))
 
