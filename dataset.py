@@ -15,7 +15,7 @@ import torch
 
 from cli import UsageError
 from data_paths import folder_vocab, instruct_dir, pretokenized_dir, tokenizer_model_path
-from prompts import PROMPT_FORMAT_KEY, prompt_format, read_prompt_format
+from prompts import PROMPT_FORMAT_KEY, prompt_format, read_prompt_format, asks_for_dialogue, requested_words
 
 
 def _release_pages(array):
@@ -104,6 +104,7 @@ class InstructRows(ShardedRows):
         if len(widths) > 1:
             raise UsageError(f"{folder}: instruct shards of different widths {sorted(widths)} (prepared apart?)")
         self.seq_len = min(self.tokens[0].shape[1] - 1, max_len)
+        self.request_weight, self.pieces = 1.0, None
         super().__init__(folder, [len(t) for t in self.tokens])
 
     def get(self, rows, device):
@@ -118,7 +119,32 @@ class InstructRows(ShardedRows):
         x, y = batch[:, :width], batch[:, 1:width + 1].copy()
         position = np.arange(1, width + 1)  # where each target sits in the row
         y[(position < lengths[:, :1]) | (position >= lengths[:, 1:])] = -1
-        return to_device(torch.from_numpy(x), device), to_device(torch.from_numpy(y), device)
+        x, y = to_device(torch.from_numpy(x), device), to_device(torch.from_numpy(y), device)
+        if self.request_weight == 1.0:
+            return x, y
+        return x, y, to_device(torch.from_numpy(self.target_weights(batch[:, :width + 1], lengths)), device)
+
+    def emphasize_requests(self, weight, pieces):
+        """Weigh the story tokens that carry out the prompt's requests weight times the others in
+        the loss: every spelling of a requested word, and the quotation marks of a story whose
+        prompt asks for a dialogue (pieces: prompts.request_pieces). get() then returns
+        (x, y, target weights)."""
+        self.request_weight, self.pieces = float(weight), pieces
+
+    def target_weights(self, rows, lengths):
+        weights = np.ones((len(rows), rows.shape[1] - 1), dtype=np.float32)
+        for weight_row, row, (prompt_len, total) in zip(weights, rows, lengths):
+            # the story token at row position p is target column p - 1
+            story, prompt, first = row[prompt_len + 1:total], row[:prompt_len], prompt_len
+            story_weights = weight_row[first:first + len(story)]
+            for word in requested_words(prompt, self.pieces):
+                if len(word) <= len(story):
+                    windows = np.lib.stride_tricks.sliding_window_view(story, len(word))
+                    for start in np.flatnonzero((windows == word).all(axis=1)):
+                        story_weights[start:start + len(word)] = self.request_weight
+            if asks_for_dialogue(prompt, self.pieces):
+                story_weights[np.isin(story[:len(story_weights)], list(self.pieces.speech))] = self.request_weight
+        return weights
 
 
 def load_npy(path, mmap_mode=None):

@@ -225,22 +225,28 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, targets=None, input_pos=None, all_logits=False):
-        """With targets: the mean cross entropy over the positions whose target is not -1, and
-        those positions' logits, (positions, vocab) in row-major order. Without: logits of the last
-        position only (all of them if all_logits), loss None.
+    def forward(self, tokens, targets=None, input_pos=None, all_logits=False, target_weights=None):
+        """With targets: the mean cross entropy over the positions whose target is not -1 (weighted
+        by target_weights when given), and those positions' logits, (positions, vocab) in row-major
+        order. Without: logits of the last position only (all of them if all_logits), loss None.
         input_pos (set by prefill/decode_step): the tokens' positions, where they go in the cache;
         (seq,) for every row alike, or (batch, seq) for rows at different positions."""
         h = self.hidden_states(tokens, input_pos)
         if targets is not None:
             h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+            weights = None if target_weights is None else target_weights.reshape(-1)
             if not torch.compiler.is_compiling():
                 # instruct rows score only the story (about half of a demo batch): the prompt and
                 # the padding need no classifier. Compiled graphs keep their static shapes instead
                 scored = (targets != -1).nonzero().squeeze(1)
                 h, targets = h[scored], targets[scored]
+                weights = None if weights is None else weights[scored]
             logits = self.output(h)
-            return logits, F.cross_entropy(logits.float(), targets, ignore_index=-1)
+            if weights is None:
+                return logits, F.cross_entropy(logits.float(), targets, ignore_index=-1)
+            weights = weights * (targets != -1)
+            losses = F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="none")
+            return logits, (losses * weights).sum() / weights.sum()
         return self.output(h if all_logits else h[:, [-1], :]), None
 
     def hidden_states(self, tokens, input_pos=None):

@@ -33,6 +33,8 @@ from data_paths import vocab_source
 from dataset import BatchSampler, data_prompt_format, default_tokenizer, fixed_batches, open_dataset
 from metrics import MetricsLog, peak_flops, plot_losses
 from model import ModelArgs, Transformer
+from prompts import request_pieces
+from tokenizer import Tokenizer
 
 DEFAULTS = dict(
     # I/O
@@ -51,6 +53,10 @@ DEFAULTS = dict(
     beta1=0.9, beta2=0.95, grad_clip=1.0,  # grad_clip 0: off
     # learning rate: linear warmup, then cosine down to min_lr at lr_decay_iters (0: max_iters)
     decay_lr=True, warmup_iters=1000, lr_decay_iters=0, min_lr=0.0,
+    # instruct data: the story tokens that carry out the prompt's requests (a requested word's
+    # spelling; quotation marks when it asks for a dialogue) weigh this many times the others in
+    # the training loss (not in the reported losses)
+    request_weight=1.0,
     # system
     device=default_device(),
     dtype="bfloat16" if bf16_supported() else ("float16" if torch.cuda.is_available() else "float32"),
@@ -187,6 +193,11 @@ def open_training_data(cfg, args: ModelArgs):
     train_data = open_dataset(cfg, "train", args.max_seq_len)
     val_data = open_dataset(cfg, "val", args.max_seq_len)
     cfg["max_seq_len"], cfg["tokenizer"] = train_data.seq_len, cfg["tokenizer"] or default_tokenizer(cfg)
+    if cfg["request_weight"] != 1.0:
+        if cfg["dataset"] != "instruct":
+            raise UsageError(f"request_weight={cfg['request_weight']}: weighs what a prompt requests, so it needs "
+                             f"dataset=instruct")
+        train_data.emphasize_requests(cfg["request_weight"], request_pieces(Tokenizer(cfg["tokenizer"])))
     cfg["prompt_format"] = data_prompt_format(cfg)
     return train_data, val_data
 
@@ -296,7 +307,7 @@ def estimate_losses(model, eval_sets, cfg, procs, autocast) -> dict:
         total = torch.zeros(2, device=procs.device)  # summed loss, batches: no host sync per batch
         for i, rows in enumerate(batches):
             if i % procs.world == procs.rank:
-                x, y = data.get(rows, cfg["device"])
+                x, y = data.get(rows, cfg["device"])[:2]  # the reported losses are unweighted
                 with autocast:
                     loss = model(x, y)[1]
                 total += torch.stack([loss.detach().float(), torch.ones((), device=procs.device)])
@@ -468,12 +479,12 @@ def train_step(train_model, sampler, optimizer, scaler, params, lr, cfg, accum, 
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum, tokens, rows = torch.zeros((), device=procs.device), 0, 0
-    for micro, (x, y) in enumerate(sampler.iteration(cfg["device"])):
+    for micro, (x, y, *weights) in enumerate(sampler.iteration(cfg["device"])):
         tokens, rows = tokens + x.numel(), rows + x.shape[0]  # instruct batches are cut to their longest row
         # DDP averages gradients once, on the last micro-step
         with train_model.no_sync() if procs.ddp and micro < accum - 1 else nullcontext():
             with autocast:
-                _, loss = train_model(x, y)
+                _, loss = train_model(x, y, target_weights=weights[0] if weights else None)
             loss_sum += loss.detach().float()
             scaler.scale(loss / accum).backward()
     # one all_reduce carries the loss and the stop request: every process stops after the same step.

@@ -13,6 +13,7 @@ import cli
 import dataset
 import train
 from checkpoint import load_checkpoint, load_model
+from model import ModelArgs, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 64
@@ -162,6 +163,57 @@ def test_instruct_targets_cover_only_bos_story_eos(tmp_path):
         kept = (y[k] != -1).nonzero().flatten().tolist()
         assert kept == list(range(prompt_len - 1, total - 1))  # the first kept target is BOS
         assert y[k, prompt_len - 1] == 1 and y[k, total - 2] == 2
+
+
+def write_story_rows(shared_data, folder, prompts_and_stories):
+    """One instruct shard of real-tokenizer rows, laid out as prepare_instruct_data.py lays them out."""
+    from prompts import prompt_ids
+    from tokenizer import Tokenizer
+    tok = Tokenizer(os.path.join(shared_data, "tok512.model"))
+    rows, lengths = [], []
+    for prompt, story in prompts_and_stories:
+        prompt_part = prompt_ids(tok, prompt, instruct=True)
+        rows.append(prompt_part + tok.encode(story) + [tok.eos_id])
+        lengths.append((len(prompt_part) - 1, len(rows[-1])))
+    width = max(map(len, rows))
+    os.makedirs(folder)
+    np.save(os.path.join(folder, "data01.tokens.npy"), np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.uint16))
+    np.save(os.path.join(folder, "data01.lengths.npy"), np.array(lengths, dtype=np.int32))
+    return tok, os.path.join(folder, "data01.tokens.npy")
+
+
+def test_request_weight_marks_the_story_tokens_that_carry_out_the_prompt(tmp_path, shared_data):
+    from prompts import build_prompt, request_pieces
+    story = 'Tim had a ring. A messy dog wanted to climb the tree. "My ring!" said Tim.'
+    tok, path = write_story_rows(shared_data, str(tmp_path / "d"), [(build_prompt("climb", "ring", "messy"), story),
+                                                                     (build_prompt("climb", "ring", "messy", ["Dialogue"]), story)])
+    rows = dataset.InstructRows(str(tmp_path / "d"), [path], max_len=512)
+    assert len(rows.get(np.array([0, 1]), "cpu")) == 2  # unweighted rows: (x, y) as before
+    rows.emphasize_requests(3.0, request_pieces(tok))
+    x, y, weights = rows.get(np.array([0, 1]), "cpu")
+    assert set(weights.unique().tolist()) == {1.0, 3.0} and (y[weights > 1] != -1).all()
+    # every story spelling of the three words, in story order, and nothing of the prompt
+    assert tok.decode(y[0][weights[0] > 1].tolist()) == "ring messy climb ring"
+    # asked for a dialogue: the story's quotation marks too
+    quotes = [int(t) for t in y[1] if t >= 0 and '"' in tok.sp.id_to_piece(int(t))]
+    assert len(quotes) >= 2
+    assert sorted(y[1][weights[1] > 1].tolist()) == sorted(y[0][weights[0] > 1].tolist() + quotes)
+    # the loss weighs them three times: the same as the weighted mean computed by hand
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=512, max_seq_len=256))
+    logits, loss = model(x, y, target_weights=weights)
+    scored = y != -1
+    losses = torch.nn.functional.cross_entropy(logits, y[scored], reduction="none")
+    assert loss.item() == pytest.approx(((losses * weights[scored]).sum() / weights[scored].sum()).item(), rel=1e-5)
+    assert model(x, y)[1].item() == pytest.approx(losses.mean().item(), rel=1e-5)
+
+
+def test_request_weight_needs_instruct_data(pretrain_dir, tmp_path, capsys):
+    c = tiny_config(pretrain_dir, tmp_path / "out")
+    argv = [f"--{k}={v}" for k, v in c.items() if k in ("data_dir", "vocab_source", "vocab_size", "out_dir")]
+    assert train.main(argv + ["--request_weight=3"]) == 2
+    err = capsys.readouterr().err
+    assert "request_weight=3.0" in err and "dataset=instruct" in err and len(err.strip().splitlines()) == 1
 
 
 def test_pretrain_windows_come_from_the_shards(pretrain_dir):
