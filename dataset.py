@@ -15,7 +15,7 @@ import torch
 
 from cli import UsageError
 from data_paths import folder_vocab, instruct_dir, pretokenized_dir, tokenizer_model_path
-from prompts import PROMPT_FORMAT_KEY, prompt_format, read_prompt_format, asks_for_dialogue, requested_words
+from prompts import PROMPT_FORMAT_KEY, prompt_format, read_prompt_format
 
 
 def _release_pages(array):
@@ -104,7 +104,7 @@ class InstructRows(ShardedRows):
         if len(widths) > 1:
             raise UsageError(f"{folder}: instruct shards of different widths {sorted(widths)} (prepared apart?)")
         self.seq_len = min(self.tokens[0].shape[1] - 1, max_len)
-        self.request_weight, self.pieces = 1.0, None
+        self.request_weight, self.finder = 1.0, None
         super().__init__(folder, [len(t) for t in self.tokens])
 
     def get(self, rows, device):
@@ -124,26 +124,30 @@ class InstructRows(ShardedRows):
             return x, y
         return x, y, to_device(torch.from_numpy(self.target_weights(batch[:, :width + 1], lengths)), device)
 
-    def emphasize_requests(self, weight, pieces):
+    def emphasize_requests(self, weight, finder):
         """Weigh the story tokens that carry out the prompt's requests weight times the others in
-        the loss: every spelling of a requested word, and the quotation marks of a story whose
-        prompt asks for a dialogue (pieces: prompts.request_pieces). get() then returns
-        (x, y, target weights)."""
-        self.request_weight, self.pieces = float(weight), pieces
+        the loss: every story spelling of a requested word (the prompt's tokens for it, so
+        "climbed" counts where its tokens begin with those of "climb"), and the quotation
+        marks of a story whose prompt asks for a dialogue (finder: prompts.RequestFinder). get()
+        then returns (x, y, target weights)."""
+        self.request_weight, self.finder = float(weight), finder
 
     def target_weights(self, rows, lengths):
         weights = np.ones((len(rows), rows.shape[1] - 1), dtype=np.float32)
-        for weight_row, row, (prompt_len, total) in zip(weights, rows, lengths):
+        for weight_row, row, (prompt_len, total) in zip(weights, rows.tolist(), lengths):
             # the story token at row position p is target column p - 1
-            story, prompt, first = row[prompt_len + 1:total], row[:prompt_len], prompt_len
-            story_weights = weight_row[first:first + len(story)]
-            for word in requested_words(prompt, self.pieces):
-                if len(word) <= len(story):
-                    windows = np.lib.stride_tricks.sliding_window_view(story, len(word))
-                    for start in np.flatnonzero((windows == word).all(axis=1)):
-                        story_weights[start:start + len(word)] = self.request_weight
-            if asks_for_dialogue(prompt, self.pieces):
-                story_weights[np.isin(story[:len(story_weights)], list(self.pieces.speech))] = self.request_weight
+            story_weights = weight_row[prompt_len:]
+            prompt, story = row[:prompt_len], row[prompt_len + 1:min(total, len(row))]
+            words_by_first_token = {}
+            for word in self.finder.words(prompt):
+                words_by_first_token.setdefault(word[0], []).append(word)
+            dialogue = self.finder.asks_for_dialogue(prompt)
+            for i, token in enumerate(story):
+                if dialogue and token in self.finder.speech:
+                    story_weights[i] = self.request_weight
+                for word in words_by_first_token.get(token, ()):
+                    if tuple(story[i:i + len(word)]) == word:
+                        story_weights[i:i + len(word)] = self.request_weight
         return weights
 
 

@@ -10,8 +10,7 @@ An instruct model reads the prompt's tokens, then BOS, which opens the story; th
 with EOS. A plain (pretrained) model reads BOS first, then the text it continues.
 """
 import re
-from dataclasses import dataclass
-from typing import FrozenSet, Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 # The TinyStories feature names and the template's phrase for each. The order matters:
 # evaluate.py draws held-out prompts' features from it with a seeded generator.
@@ -181,38 +180,33 @@ def override_prompt_format(record: dict, instruct: Optional[bool] = None, encodi
 
 
 
-@dataclass(frozen=True)
-class RequestPieces:
-    """How one tokenizer spells what a prompt requests, for finding it in token ids: a
-    story_words prompt lays out each requested word between quote pieces (`▁"` `▁d ra g on` `",`),
-    and asks for a dialogue with the word "dialogue" (both prompt styles do)."""
-    opening: FrozenSet[int]  # a piece that opens a quoted word
-    closing: FrozenSet[int]  # a piece that closes one
-    speech: FrozenSet[int]  # every piece holding a quotation mark: a story's dialogue
-    dialogue: Tuple[int, ...]  # the word "dialogue"
 
+class RequestFinder:
+    """Where a prompt's requests sit in its token ids, for one tokenizer. A story_words prompt lays out each requested word between quote pieces
+    (`▁"` `▁d ra g on` `",`), and asks for a dialogue with the word "dialogue" (both prompt
+    styles do)."""
 
-def request_pieces(tokenizer) -> RequestPieces:
-    pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
-    return RequestPieces(opening=frozenset(i for i, p in enumerate(pieces) if p in ('"', '\u2581"')),
-                         closing=frozenset(i for i, p in enumerate(pieces) if p.startswith('"')),
-                         speech=frozenset(i for i, p in enumerate(pieces) if '"' in p),
-                         dialogue=tuple(tokenizer.encode("dialogue")))
+    def __init__(self, tokenizer):
+        pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+        self.tokenizer = tokenizer
+        self.opening = frozenset(i for i, p in enumerate(pieces) if p in ('"', '\u2581"'))
+        self.closing = frozenset(i for i, p in enumerate(pieces) if p.startswith('"'))
+        self.speech = frozenset(i for i, p in enumerate(pieces) if '"' in p)  # a story's dialogue
+        self.dialogue = tuple(tokenizer.encode("dialogue"))
+        self._spellings = {}
 
+    def words(self, ids: List[int]) -> List[Tuple[int, ...]]:
+        """The token sequences of the quoted words in a prompt's ids."""
+        words, start = [], None
+        for i, token in enumerate(ids):
+            if start is None and token in self.opening:
+                start = i + 1
+            elif start is not None and token in self.closing:
+                if i > start:
+                    words.append(tuple(ids[start:i]))
+                start = None
+        return words
 
-def requested_words(ids, pieces: RequestPieces) -> List[Tuple[int, ...]]:
-    """The token sequences of the quoted words in a prompt's ids."""
-    words, start = [], None
-    for i, token in enumerate(ids):
-        if start is None and token in pieces.opening:
-            start = i + 1
-        elif start is not None and token in pieces.closing:
-            if i > start:
-                words.append(tuple(int(t) for t in ids[start:i]))
-            start = None
-    return words
-
-
-def asks_for_dialogue(ids, pieces: RequestPieces) -> bool:
-    n = len(pieces.dialogue)
-    return any(tuple(int(t) for t in ids[i:i + n]) == pieces.dialogue for i in range(len(ids) - n + 1))
+    def asks_for_dialogue(self, ids: List[int]) -> bool:
+        n = len(self.dialogue)
+        return any(tuple(ids[i:i + n]) == self.dialogue for i in range(len(ids) - n + 1))

@@ -33,7 +33,7 @@ from data_paths import vocab_source
 from dataset import BatchSampler, data_prompt_format, default_tokenizer, fixed_batches, open_dataset
 from metrics import MetricsLog, peak_flops, plot_losses
 from model import ModelArgs, Transformer
-from prompts import request_pieces
+from prompts import RequestFinder
 from tokenizer import Tokenizer
 
 DEFAULTS = dict(
@@ -54,7 +54,7 @@ DEFAULTS = dict(
     # learning rate: linear warmup, then cosine down to min_lr at lr_decay_iters (0: max_iters)
     decay_lr=True, warmup_iters=1000, lr_decay_iters=0, min_lr=0.0,
     # instruct data: the story tokens that carry out the prompt's requests (a requested word's
-    # spelling; quotation marks when it asks for a dialogue) weigh this many times the others in
+    # tokens; quotation marks when it asks for a dialogue) weigh this many times the others in
     # the training loss (not in the reported losses)
     request_weight=1.0,
     # system
@@ -197,7 +197,7 @@ def open_training_data(cfg, args: ModelArgs):
         if cfg["dataset"] != "instruct":
             raise UsageError(f"request_weight={cfg['request_weight']}: weighs what a prompt requests, so it needs "
                              f"dataset=instruct")
-        train_data.emphasize_requests(cfg["request_weight"], request_pieces(Tokenizer(cfg["tokenizer"])))
+        train_data.emphasize_requests(cfg["request_weight"], RequestFinder(Tokenizer(cfg["tokenizer"])))
     cfg["prompt_format"] = data_prompt_format(cfg)
     return train_data, val_data
 

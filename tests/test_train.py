@@ -183,13 +183,13 @@ def write_story_rows(shared_data, folder, prompts_and_stories):
 
 
 def test_request_weight_marks_the_story_tokens_that_carry_out_the_prompt(tmp_path, shared_data):
-    from prompts import build_prompt, request_pieces
+    from prompts import RequestFinder, build_prompt
     story = 'Tim had a ring. A messy dog wanted to climb the tree. "My ring!" said Tim.'
     tok, path = write_story_rows(shared_data, str(tmp_path / "d"), [(build_prompt("climb", "ring", "messy"), story),
                                                                      (build_prompt("climb", "ring", "messy", ["Dialogue"]), story)])
     rows = dataset.InstructRows(str(tmp_path / "d"), [path], max_len=512)
     assert len(rows.get(np.array([0, 1]), "cpu")) == 2  # unweighted rows: (x, y) as before
-    rows.emphasize_requests(3.0, request_pieces(tok))
+    rows.emphasize_requests(3.0, RequestFinder(tok))
     x, y, weights = rows.get(np.array([0, 1]), "cpu")
     assert set(weights.unique().tolist()) == {1.0, 3.0} and (y[weights > 1] != -1).all()
     # every story spelling of the three words, in story order, and nothing of the prompt
