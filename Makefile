@@ -55,7 +55,7 @@ demo-pipeline: demo-data
 
 # ---- a base pretrained on the plain demo stories, LoRA-tuned into an instruct model, scored
 DEMO_FT_TRAIN ?=
-# the LoRA alone, e.g. --max_iters=2500: 90-100% all three words on every seed measured (docs/finetuning.md)
+# the LoRA alone, e.g. --max_iters=2500 (docs/finetuning.md: more steps, later annealing)
 DEMO_LORA_TRAIN ?=
 
 demo-finetune: $(VENV)/.deps

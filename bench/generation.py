@@ -104,7 +104,10 @@ def tokens_per_s(model, batch, new_tokens, use_cache, compile, device, repeats):
 LEVERS = {"inductor's defaults": {},
           "+ cpp_wrapper": {"cpp_wrapper": True},
           "+ freezing": {"cpp_wrapper": True, "freezing": True},
-          "+ max_autotune (the default)": dict(model_module.COMPILE_OPTIONS)}
+          "+ max_autotune (the default)": dict(model_module.COMPILE_OPTIONS),
+          # an OpenMP region costs microseconds, as much as a decode step's small loops take
+          "+ loops under 4096 elements serial": dict(model_module.COMPILE_OPTIONS, **{"cpp.min_chunk_size": 4096}),
+          "+ generated kernels on 1 thread (matmuls keep 2)": dict(model_module.COMPILE_OPTIONS, **{"cpp.threads": 1})}
 
 
 def lever_table(shape, device, new_tokens, repeats, variants):

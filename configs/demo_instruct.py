@@ -1,9 +1,10 @@
 # The quickstart's instruct model (make demo): trained from scratch on the offline demo corpus
 # (tinystories.py make_demo; train_vocab --vocab_size=1024 --include_prompts;
 # prepare_instruct_data.py --vocab_size=1024 --max_seq_len=192).
-# The 2-core CPU: 1,200 iterations in about 4 minutes; it then uses all three requested words in
-# 98-100% of stories for held-out word triples on 3 seeds (docs/finetuning.md, round 5; 1,500
-# iterations gave 97-99% on one seed, and did not fit 10 minutes of `make demo` on the slowest CPU).
+# 2 CPU cores: 1,200 iterations in 2.5 minutes (Intel VM) to about 6.5 (Zen 3, estimated); the
+# model then uses all three requested words in 98-100% of stories for held-out word triples on 3
+# seeds (docs/finetuning.md, round 5). 1,500 iterations did not fit 10 minutes of `make demo` on
+# the slowest CPU.
 dataset, data_dir, out_dir = "instruct", "data", "out/demo/instruct"
 vocab_source, vocab_size = "custom", 1024
 dim, n_layers, n_heads, n_kv_heads, multiple_of, max_seq_len = 128, 4, 4, 4, 32, 192

@@ -254,8 +254,8 @@ class NoSyncWrapper(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *args):
-        return self.model(*args)
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
     def no_sync(self):
         from contextlib import nullcontext
