@@ -101,8 +101,12 @@ class Lines:
 def interrupt(argv, ready_on, ready_pattern):
     """Start a script in its own process group, wait until it shows ready_pattern on its stdout or
     stderr, then Ctrl-C it the way a terminal does (SIGINT to the whole group)."""
+    # a suite started in the background of a non-interactive shell (`make test &`) runs with
+    # SIGINT ignored, and a child inherits that: Python then installs no KeyboardInterrupt
+    # handler. A terminal's Ctrl-C finds the default action, so the child starts with it
     proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV, start_new_session=True)
+                            text=True, env=ENV, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     streams = {"stdout": Lines(proc.stdout), "stderr": Lines(proc.stderr)}
     try:
         streams[ready_on].wait_for(ready_pattern)
