@@ -179,21 +179,17 @@ def override_prompt_format(record: dict, instruct: Optional[bool] = None, encodi
     return prompt_format(is_instruct or encoding is not None, encoding or record["prompt_encoding"] or "plain")
 
 
-
-
 class RequestFinder:
-    """Where a prompt's requests sit in its token ids, for one tokenizer. A story_words prompt lays out each requested word between quote pieces
-    (`▁"` `▁d ra g on` `",`), and asks for a dialogue with the word "dialogue" (both prompt
-    styles do)."""
+    """Where a prompt's requests sit in its token ids, for one tokenizer. A story_words prompt
+    lays out each requested word between quote pieces (`▁"` `▁d ra g on` `",`), and asks for a
+    dialogue with the word "dialogue" (both prompt styles do)."""
 
     def __init__(self, tokenizer):
         pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
-        self.tokenizer = tokenizer
         self.opening = frozenset(i for i, p in enumerate(pieces) if p in ('"', '\u2581"'))
         self.closing = frozenset(i for i, p in enumerate(pieces) if p.startswith('"'))
         self.speech = frozenset(i for i, p in enumerate(pieces) if '"' in p)  # a story's dialogue
         self.dialogue = tuple(tokenizer.encode("dialogue"))
-        self._spellings = {}
 
     def words(self, ids: List[int]) -> List[Tuple[int, ...]]:
         """The token sequences of the quoted words in a prompt's ids."""
