@@ -124,6 +124,10 @@ class InstructRows(ShardedRows):
             return x, y
         return x, y, to_device(torch.from_numpy(self.target_weights(batch[:, :width + 1], lengths)), device)
 
+    def example_lengths(self):
+        """Each example's length (prompt, BOS, story, EOS), in row order."""
+        return np.concatenate([lengths[:, 1] for lengths in self.lengths]).astype(np.int64)
+
     def emphasize_requests(self, weight, finder):
         """Weigh the story tokens that carry out the prompt's requests weight times the others in
         the loss: every story spelling of a requested word (the prompt's tokens for it, so
@@ -258,14 +262,29 @@ class BatchSampler:
     takes its own slice. So the global batch is the same for 1 or N processes, and the generator's
     state is the loader's whole position (saved in checkpoints for exact resume)."""
 
-    def __init__(self, data, batch_size, accum_steps, world, rank, seed):
+    def __init__(self, data, batch_size, accum_steps, world, rank, seed, group_by_length=False):
         self.data, self.shape, self.rank = data, (world, accum_steps, batch_size), rank
         self.generator = torch.Generator().manual_seed(seed)
+        self.by_length, self.window = None, max(8 * batch_size, len(data) // 64)
+        if group_by_length and len(data) > self.window:  # smaller data: uniform draws, as without it
+            self.by_length = torch.from_numpy(np.argsort(data.example_lengths(), kind="stable"))
 
     def iteration(self, device):
-        rows = torch.randint(len(self.data), self.shape, generator=self.generator, device="cpu")
+        if self.by_length is not None:
+            rows = self.similar_lengths()
+        else:
+            rows = torch.randint(len(self.data), self.shape, generator=self.generator, device="cpu")
         for micro in range(self.shape[1]):
             yield self.data.get(rows[self.rank, micro].numpy(), device)
+
+    def similar_lengths(self):
+        """Each micro-batch's rows drawn without replacement from one run of `window` examples
+        adjacent in length order, the run starting anywhere (wrapping around): a batch is cut to
+        its longest row, so this removes most padding, and every example stays equally likely."""
+        world, accum, batch = self.shape
+        start = torch.randint(len(self.data), (world, accum, 1), generator=self.generator)
+        offset = torch.rand((world, accum, self.window), generator=self.generator).argsort(-1)[..., :batch]
+        return self.by_length[(start + offset) % len(self.data)]
 
     def get_state(self):
         return self.generator.get_state()

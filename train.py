@@ -57,6 +57,9 @@ DEFAULTS = dict(
     # tokens; quotation marks when it asks for a dialogue) weigh this many times the others in
     # the training loss (not in the reported losses)
     request_weight=1.0,
+    # instruct data: each batch's rows of similar length, so less of it is padding (every example
+    # stays equally likely)
+    group_by_length=False,
     # system
     device=default_device(),
     dtype="bfloat16" if bf16_supported() else ("float16" if torch.cuda.is_available() else "float32"),
@@ -198,6 +201,8 @@ def open_training_data(cfg, args: ModelArgs):
             raise UsageError(f"request_weight={cfg['request_weight']}: weighs what a prompt requests, so it needs "
                              f"dataset=instruct")
         train_data.emphasize_requests(cfg["request_weight"], RequestFinder(Tokenizer(cfg["tokenizer"])))
+    if cfg["group_by_length"] and cfg["dataset"] != "instruct":
+        raise UsageError("group_by_length=True: pretraining windows all have max_seq_len tokens; it needs dataset=instruct")
     cfg["prompt_format"] = data_prompt_format(cfg)
     return train_data, val_data
 
@@ -364,7 +369,8 @@ def train(config, recipe=None) -> dict:
     model.to(cfg["device"])
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=cfg["dtype"] == "float16")
-    sampler = BatchSampler(train_data, cfg["batch_size"], accum, procs.world, procs.rank, cfg["seed"])
+    sampler = BatchSampler(train_data, cfg["batch_size"], accum, procs.world, procs.rank, cfg["seed"],
+                           cfg["group_by_length"])
     eval_sets = {"train": (train_data, fixed_batches(train_data, cfg["eval_iters"], cfg["batch_size"], cfg["seed"] + 1)),
                  "val": (val_data, fixed_batches(val_data, cfg["eval_iters"], cfg["batch_size"], cfg["seed"] + 2))}
     iter_num, best_val_loss = restore_state(resume, optimizer, scaler, sampler) if resume else (0, float("inf"))

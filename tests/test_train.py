@@ -216,6 +216,43 @@ def test_request_weight_needs_instruct_data(pretrain_dir, tmp_path, capsys):
     assert "request_weight=3.0" in err and "dataset=instruct" in err and len(err.strip().splitlines()) == 1
 
 
+def test_group_by_length_cuts_padding_and_keeps_every_example_equally_likely(tmp_path):
+    data_dir = write_instruct_shards(str(tmp_path / "d"), rows=128, width=48)
+    folder = os.path.join(data_dir, f"instruct{VOCAB}")
+    rows = dataset.InstructRows(folder, [os.path.join(folder, f"data0{i}.tokens.npy") for i in (0, 1)], max_len=64)
+    lengths = rows.example_lengths()
+    assert len(lengths) == 256 and lengths.min() < lengths.max() - 20
+
+    widths = {}
+    for group in (False, True):
+        sampler = dataset.BatchSampler(rows, 4, 2, 1, 0, 5, group_by_length=group)
+        widths[group] = np.mean([x.shape[1] for _ in range(300) for x, _ in sampler.iteration("cpu")])
+    assert widths[True] < widths[False] - 5, widths  # batches cut to their longest row: less padding
+    sampler = dataset.BatchSampler(rows, 4, 2, 1, 0, 5, group_by_length=True)
+    assert sampler.window == 32
+    picked = torch.stack([sampler.similar_lengths() for _ in range(2000)])  # (iterations, world, accum, batch)
+    place = np.argsort(np.argsort(lengths, kind="stable"), kind="stable")  # each example's place in length order
+    for micro in picked.reshape(-1, 4).numpy():
+        assert len(set(micro.tolist())) == 4  # drawn without replacement
+        # from 32 neighbours in length order (wrapping from the longest to the shortest)
+        assert any(((place[micro] - start) % 256 < 32).all() for start in place[micro])
+    counts = np.bincount(picked.flatten().numpy(), minlength=256)  # 16,000 draws: 62.5 expected per example
+    assert counts.min() >= 30 and counts.max() <= 100, (counts.min(), counts.max())
+    # the generator's state is still the sampler's whole position (exact resume)
+    state = sampler.get_state()
+    first = [x.clone() for x, _ in sampler.iteration("cpu")]
+    sampler.set_state(state)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(first, sampler.iteration("cpu")))
+
+
+def test_group_by_length_needs_instruct_data(pretrain_dir, tmp_path, capsys):
+    c = tiny_config(pretrain_dir, tmp_path / "out")
+    argv = [f"--{k}={v}" for k, v in c.items() if k in ("data_dir", "vocab_source", "vocab_size", "out_dir")]
+    assert train.main(argv + ["--group_by_length=True"]) == 2
+    err = capsys.readouterr().err
+    assert "group_by_length" in err and "dataset=instruct" in err and len(err.strip().splitlines()) == 1
+
+
 def test_pretrain_windows_come_from_the_shards(pretrain_dir):
     folder = os.path.join(pretrain_dir, f"tok{VOCAB}")
     files = [os.path.join(folder, f"data0{i}.bin") for i in (1, 2)]
@@ -268,9 +305,10 @@ def test_loss_falls_and_outputs_are_written(pretrain_dir, tmp_path):
 
 
 def test_instruct_training_lowers_loss(tmp_path):
-    data_dir = write_instruct_shards(str(tmp_path / "d"))
+    data_dir = write_instruct_shards(str(tmp_path / "d"), rows=160)  # more rows than group_by_length's window
     out = tmp_path / "out"
-    train.train(tiny_config(data_dir, out, dataset="instruct", max_iters=30, eval_interval=30, learning_rate=1e-2))
+    train.train(tiny_config(data_dir, out, dataset="instruct", max_iters=30, eval_interval=30, learning_rate=1e-2,
+                            group_by_length=True))
     evals = [r for r in read_metrics(out) if r.get("eval")]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, evals
     assert load_checkpoint(str(out / "ckpt.pt")).config["dataset"] == "instruct"
