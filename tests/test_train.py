@@ -208,12 +208,14 @@ def test_request_weight_marks_the_story_tokens_that_carry_out_the_prompt(tmp_pat
     assert model(x, y)[1].item() == pytest.approx(losses.mean().item(), rel=1e-5)
 
 
-def test_request_weight_needs_instruct_data(pretrain_dir, tmp_path, capsys):
+@pytest.mark.parametrize("flag, named", [("--request_weight=3", "request_weight=3.0"),
+                                         ("--group_by_length=True", "group_by_length=True")])
+def test_instruct_only_settings_need_instruct_data(flag, named, pretrain_dir, tmp_path, capsys):
     c = tiny_config(pretrain_dir, tmp_path / "out")
     argv = [f"--{k}={v}" for k, v in c.items() if k in ("data_dir", "vocab_source", "vocab_size", "out_dir")]
-    assert train.main(argv + ["--request_weight=3"]) == 2
+    assert train.main(argv + [flag]) == 2
     err = capsys.readouterr().err
-    assert "request_weight=3.0" in err and "dataset=instruct" in err and len(err.strip().splitlines()) == 1
+    assert named in err and "dataset=instruct" in err and len(err.strip().splitlines()) == 1
 
 
 def test_group_by_length_cuts_padding_and_keeps_every_example_equally_likely(tmp_path):
@@ -243,14 +245,6 @@ def test_group_by_length_cuts_padding_and_keeps_every_example_equally_likely(tmp
     first = [x.clone() for x, _ in sampler.iteration("cpu")]
     sampler.set_state(state)
     assert all(torch.equal(a, b) for a, (b, _) in zip(first, sampler.iteration("cpu")))
-
-
-def test_group_by_length_needs_instruct_data(pretrain_dir, tmp_path, capsys):
-    c = tiny_config(pretrain_dir, tmp_path / "out")
-    argv = [f"--{k}={v}" for k, v in c.items() if k in ("data_dir", "vocab_source", "vocab_size", "out_dir")]
-    assert train.main(argv + ["--group_by_length=True"]) == 2
-    err = capsys.readouterr().err
-    assert "group_by_length" in err and "dataset=instruct" in err and len(err.strip().splitlines()) == 1
 
 
 def test_pretrain_windows_come_from_the_shards(pretrain_dir):
