@@ -138,13 +138,28 @@ def test_the_exponential_race_draws_from_the_cut_distribution():
     torch.testing.assert_close(counts, torch.tensor([25, 6.25, 2.25, 1]) / 34.5, atol=0.01, rtol=0)
 
 
-def test_the_compiled_sampler_picks_what_the_eager_one_picks():
-    logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(3)) * 3
+@pytest.mark.parametrize("width", [500, 1024])  # 1024: the compiled argmax goes in blocks of 256
+def test_the_compiled_sampler_picks_what_the_eager_one_picks(width):
+    torch._dynamo.reset()  # each setting is a graph of its own, under dynamo's limit per function
+    logits = torch.randn(8, width, generator=torch.Generator().manual_seed(3)) * 3
     compiled = torch.compile(pick_token, fullgraph=True)
     for temperature, top_k, top_p in [(0, None, 1.0), (0.8, 10, 1.0), (1.0, None, 0.9), (0.5, 40, 0.8)]:
-        noise = exponential_noise(8, 500, temperature, top_k, torch.Generator().manual_seed(4))
+        noise = exponential_noise(8, width, temperature, top_k, torch.Generator().manual_seed(4))
         assert torch.equal(compiled(logits, temperature, top_k, top_p, noise),
                            pick_token(logits, temperature, top_k, top_p, noise))
+
+
+def test_the_compiled_greedy_pick_keeps_the_first_of_tied_maxima():
+    logits = torch.randn(5, 1024, generator=torch.Generator().manual_seed(5)).bfloat16()
+    logits[0, [700, 300]] = 9.0  # tied across blocks: the earlier block wins
+    logits[1, [513, 600, 1000]] = 9.0  # tied within a block and across
+    logits[2, [0, 1023]] = 9.0  # the row's two ends
+    logits[3] = 1.0  # all tied
+    torch._dynamo.reset()
+    compiled = torch.compile(pick_token, fullgraph=True)
+    picks = compiled(logits, 0, None, 1.0, None)
+    assert picks.tolist()[:4] == [300, 513, 0, 0]
+    assert torch.equal(picks, logits.argmax(dim=-1))
 
 
 # ---- int8 weights ----------------------------------------------------------------------------
