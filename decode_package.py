@@ -13,6 +13,7 @@ token at a time, so it needs nothing from the model in Python once loaded.
 import hashlib
 import json
 import os
+import platform
 import sys
 import time
 import warnings
@@ -37,9 +38,20 @@ def cache_folder() -> str:
     return os.path.join(base, "tinystories_instruct", "decode")
 
 
+def cpu_features() -> str:
+    """The CPU's instruction sets: a package's kernels use what the CPU that built it has (AVX-512,
+    AMX), so a cache folder shared with another machine must not hand them to a CPU without."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def package_key(model, batch, temperature, top_k, top_p) -> str:
     """A digest of the weights as prepared for sampling (a LoRA adapter's base, int8 and dtype
-    included), the batch size, the sampling settings, torch and this code."""
+    included), the batch size, the sampling settings, torch, this code and the CPU's instruction
+    sets."""
     digest = hashlib.sha256()
     here = os.path.dirname(os.path.abspath(__file__))
     for name in CODE_FILES:
@@ -49,7 +61,7 @@ def package_key(model, batch, temperature, top_k, top_p) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     settings = [batch, temperature, top_k, top_p if temperature else None, torch.__version__,
-                sorted(model_module.COMPILE_OPTIONS.items())]
+                sorted(model_module.COMPILE_OPTIONS.items()), cpu_features()]
     digest.update(json.dumps(settings, default=str).encode())
     return digest.hexdigest()[:24]
 
@@ -85,7 +97,7 @@ def build(model, path, batch, temperature, top_k, top_p, options):
         tmp = os.path.join(os.path.dirname(path), f".{os.getpid()}.{os.path.basename(path)}")
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=dict(options))
-            if not agrees_with_eager(PackagedStep(torch._inductor.aoti_load_package(tmp)), model, batch, temperature, top_k, top_p):
+            if not agrees_with_eager(PackagedStep(tmp), model, batch, temperature, top_k, top_p):
                 return False
             os.replace(tmp, path)
         finally:
@@ -131,16 +143,28 @@ def load_or_build(model, batch, temperature, top_k, top_p, stream=None):
             if not build(model, path, batch, temperature, top_k, top_p, options):
                 raise ToolError("the compiled decode step disagrees with the eager one; sample without --compile")
         print(f"compiled in {time.perf_counter() - start:.0f} s", file=stream)
-    return PackagedStep(torch._inductor.aoti_load_package(path))
+    return PackagedStep(path)
 
 
 class PackagedStep:
-    """The loaded package as (token, position, noise) -> (batch,) tokens. It calls the package's
-    runner with the flat list of inputs that the package's own __call__ builds through pytree:
-    about 40 us less a token, 5% of an int8 step at stories15M's shape (docs/benchmarks.md)."""
+    """The package at path as (token, position, noise) -> (batch,) tokens.
 
-    def __init__(self, package):
-        self.package, self.run = package, package.loader.boxed_run
+    It is loaded by AOTInductor's C++ loader: torch._inductor.aoti_load_package first imports
+    inductor and tries a newer archive layout, 2.2 s of a 3.7 s warm start against 0.08 s
+    (docs/benchmarks.md). And it is called through the loader's runner with the flat list of
+    inputs, not the package's __call__, which builds that list through pytree: about 40 us less
+    a token, 5% of an int8 step at stories15M's shape."""
+
+    def __init__(self, path):
+        # the kernels may use AMX tiles, which Linux grants a process only once asked: without
+        # this a fresh process that loads an AMX package dies on an illegal instruction
+        torch.cpu._init_amx()
+        try:
+            loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
+        except (AttributeError, TypeError):  # a torch whose private loader differs: the public one
+            from torch._inductor import aoti_load_package
+            loader = aoti_load_package(path).loader
+        self.run = loader.boxed_run
 
     def __call__(self, token, position, noise):
         return self.run([token, position, noise])[0]

@@ -4,12 +4,15 @@ float32, and the kernel's fallback. Nothing here is timed (bench/generation.py m
 A cold torch.compile of stories260K's decode step takes about 35 s on 2 cores, the second model
 about 10 s more; with inductor's cache warm (a second run) both take a few seconds."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+import decode_package
 import generate
 from checkpoint import load_model
 from docs_reference import greedy_story
@@ -18,6 +21,7 @@ from evaluate import Request, run_requests
 from prompts import prompt_format
 from quantize import Int8Linear, quantize_int8
 from sampling import exponential_noise, pick_token, sample
+from tests.conftest import ROOT
 from tokenizer import Tokenizer
 from test_generate import assert_usage_error, run_main
 
@@ -119,6 +123,24 @@ def test_generate_compile_builds_a_checked_package_once_and_a_second_run_loads_i
     assert "compiling the decode step" in first.stderr and "without max_autotune" in first.stderr
     assert "compiling" not in second.stderr and "compiled" in second.stderr  # the summary line
     assert len(list((tmp_path / "tinystories_instruct" / "decode").glob("*.pt2"))) == 1
+    # a fresh process loads the package with nothing set up by inductor in this one (on an AMX
+    # CPU it must ask Linux for the tiles itself)
+    fresh = subprocess.run([sys.executable, "generate.py", *args, "--compile"], cwd=ROOT, capture_output=True,
+                           text=True, env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path)))
+    assert fresh.returncode == 0 and fresh.stdout == eager.stdout, fresh.stderr
+    assert "compiling" not in fresh.stderr
+
+
+def test_a_package_is_kept_per_cpu_instruction_sets(monkeypatch):
+    """A cache folder shared between machines must not hand AVX-512 or AMX kernels to a CPU
+    without them: the package's key holds the CPU's instruction sets."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=16))
+    here = decode_package.package_key(model, 1, 0.0, None, 1.0)
+    assert decode_package.cpu_features()  # /proc/cpuinfo's flags on Linux
+    assert decode_package.package_key(model, 1, 0.0, None, 1.0) == here
+    monkeypatch.setattr(decode_package, "cpu_features", lambda: "fpu sse sse2 avx avx2")
+    assert decode_package.package_key(model, 1, 0.0, None, 1.0) != here
 
 
 # ---- the sampler -----------------------------------------------------------------------------
