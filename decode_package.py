@@ -4,7 +4,8 @@ torch.compile repeats most of its work in every new process: with the weights fo
 graph (model.COMPILE_OPTIONS) inductor's cache cannot even hold the result, so a second run of
 a float32 model compiled again for about 20 s (docs/benchmarks.md). A package is compiled once,
 kept in a cache folder under a digest of everything that went into it (the weights as prepared
-for sampling, batch size, the sampling settings, torch and this code), and loads in about 2 s.
+for sampling, batch size, the sampling settings, torch, this code and the CPU), and loads in
+about 0.1 s.
 
 The package is the step and the sampler with the weights and the KV cache inside it:
 (token, position, noise) -> next token, for a fixed batch size. A prompt goes through it one
