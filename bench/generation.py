@@ -18,7 +18,9 @@ stop ids, so every run makes exactly --new_tokens tokens from a 1-token prompt, 
 warm-up run (which, for a compiled variant, compiles; the package variants, generate.py
 --compile's AOTInductor package, are built first and not timed). Start-up is measured in fresh processes,
 from the process's start (import torch included) to its first compiled token: "cold" with an
-empty inductor cache, "warm" with the cache the cold one left.
+empty inductor cache, "warm" with the cache the cold one left; for a package, cold builds it and
+warm loads it, as a first and a second `generate.py --compile` would (the model here is made with
+random weights, not read from a checkpoint).
 
 With --llama2c=DIR (a checkout of karpathy/llama2.c; fetch it, never commit it), run.c and runq.c
 are built with -Ofast -fopenmp -march=native and run on the same weights, exported to a version-0
@@ -135,8 +137,8 @@ def lever_table(shape, device, new_tokens, repeats, variants):
 
 def startup_seconds(shape, variant, device, cache_dir):
     """Seconds from a fresh process's start to its first compiled token (cold or warm
-    depending on what cache_dir holds)."""
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+    depending on what cache_dir holds: inductor's cache, or the packages)."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, XDG_CACHE_HOME=cache_dir)
     started = time.time()
     out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--shapes={shape}", f"--variants={variant}",
                           f"--device={device}", "--_first_token"], env=env, capture_output=True,
@@ -145,10 +147,15 @@ def startup_seconds(shape, variant, device, cache_dir):
 
 
 def print_first_token_time(shape, variant, device):
-    _, _, dtype, quantize = VARIANTS[variant]
+    _, compile, dtype, quantize = VARIANTS[variant]
     model = make_model(shape, device, dtype, quantize)
-    steps = model.generate(torch.ones(1, 1, dtype=torch.long, device=device), 2, temperature=0.0, compile=True)
-    next(steps), next(steps)  # the prompt's token (eager), then the first compiled one
+    prompt = torch.ones(1, 1, dtype=torch.long, device=device)
+    if compile == "package":  # built (cold) or loaded (warm) as generate.py --compile does
+        package = decode_package.load_or_build(model, 1, 0.0, None, 1.0, stream=open(os.devnull, "w"))
+        steps = model.generate(prompt, 2, temperature=0.0, package=package)
+    else:
+        steps = model.generate(prompt, 2, temperature=0.0, compile=True)
+    next(steps), next(steps)  # the prompt's token, then the first one after it
     sync(device)
     print(time.time())
 
@@ -251,12 +258,13 @@ def main(argv=None):
             print(f"| llama2.c {name} ({'float32' if name == 'run.c' else 'Q8_0'}) | {rate:.1f} | | | | "
                   + " | ".join(f"{rate / other:.2f}x" for other in theirs.values()) + " |")
         if not args.no_compile_time:
-            for name in (v for v in variants if VARIANTS[v][1] is True):
+            for name in (v for v in variants if VARIANTS[v][1]):
                 with tempfile.TemporaryDirectory() as cache_dir:
                     cold = startup_seconds(shape, name, args.device, cache_dir)
                     warm = startup_seconds(shape, name, args.device, cache_dir)
+                kept = "the package built" if VARIANTS[name][1] == "package" else "warm inductor cache"
                 print(f"start-up to the first compiled token, {LABELS[name]}, batch 1 (fresh process): "
-                      f"cold {cold:.1f} s, warm inductor cache {warm:.1f} s")
+                      f"cold {cold:.1f} s, {kept} {warm:.1f} s")
 
 
 if __name__ == "__main__":
