@@ -127,14 +127,13 @@ def demo_lora_settings():
     return parse_settings([os.path.join(ROOT, "configs", "demo_lora.py")], finetune_lora.DEFAULTS)
 
 
-def demo_model(lora_rank=0):
+def demo_model(lora_settings=None):
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, multiple_of=32, vocab_size=1024,
                                   max_seq_len=192))
-    if lora_rank:
-        cfg = demo_lora_settings()
-        apply_lora(model, parse_targets(cfg["lora_targets"]), rank=lora_rank, alpha=cfg["lora_alpha"],
-                   rslora=cfg["lora_rslora"])
+    if lora_settings:
+        apply_lora(model, parse_targets(lora_settings["lora_targets"]), rank=lora_settings["lora_rank"],
+                   alpha=lora_settings["lora_alpha"], rslora=lora_settings["lora_rslora"])
     return model
 
 
@@ -161,13 +160,13 @@ def demo_rows(instruct):
 
 def demo_steps(steps, rounds):
     pretrain, instruct = demo_rows(False), demo_rows(True)
-    rank = demo_lora_settings()["lora_rank"]
+    shipped = demo_lora_settings()
     variants = {"full step, pretraining rows 16x192": (demo_model(), pretrain),
                 "full step, instruct rows": (demo_model(), instruct),
-                f"LoRA step (demo_lora, rank {rank}), instruct rows": (demo_model(rank), instruct),
+                f"LoRA step (demo_lora, rank {shipped['lora_rank']}), instruct rows": (demo_model(shipped), instruct),
                 "no weight gradients, instruct rows": (no_weight_gradients(demo_model()), instruct)}
-    if rank != 8:  # the rank of docs/finetuning.md's rounds 1-7, for the cost of the rank itself
-        variants["LoRA step, rank 8 (rounds 1-7), instruct rows"] = (demo_model(8), instruct)
+    if shipped["lora_rank"] != 8:  # the rank of docs/finetuning.md's rounds 1-7, for the cost of the rank itself
+        variants["LoRA step, rank 8 (rounds 1-7), instruct rows"] = (demo_model(dict(shipped, lora_rank=8)), instruct)
     runs = {}
     for name, (model, (x, y)) in variants.items():
         params = [p for p in model.parameters() if p.requires_grad]

@@ -13,7 +13,7 @@ import train
 from checkpoint import CheckpointError, load_checkpoint, load_model, model_args_dict, save_checkpoint
 from lora import LoRALinear, apply_lora, lora_modules, lora_state_dict, merge_lora, merged_state_dict
 from model import ModelArgs, Transformer
-from test_train import VOCAB, read_metrics, step_losses, tiny_config, write_instruct_shards
+from test_train import ROOT, VOCAB, read_metrics, step_losses, tiny_config, write_instruct_shards
 
 
 def tiny_model(seed=0):
@@ -438,9 +438,8 @@ def test_the_demo_adapters_train_through_their_merged_weight_at_the_shipped_rank
     """configs/demo_lora.py's rank 32 steps as fast as rank 8 only because, at the demo's width,
     every adapter trains through W + B A s (docs/finetuning.md, round 8). Build the demo's model
     from its two config files and check that every adapter does, and what share it trains."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    base = train.parse_settings([os.path.join(root, "configs", "demo_base.py")], train.DEFAULTS)
-    lora = train.parse_settings([os.path.join(root, "configs", "demo_lora.py")], finetune_lora.DEFAULTS)
+    base = train.parse_settings([os.path.join(ROOT, "configs", "demo_base.py")], train.DEFAULTS)
+    lora = train.parse_settings([os.path.join(ROOT, "configs", "demo_lora.py")], finetune_lora.DEFAULTS)
     model = Transformer(ModelArgs(dim=base["dim"], n_layers=base["n_layers"], n_heads=base["n_heads"],
                                   n_kv_heads=base["n_kv_heads"], multiple_of=base["multiple_of"],
                                   vocab_size=base["vocab_size"], max_seq_len=base["max_seq_len"]))
