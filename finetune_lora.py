@@ -5,7 +5,9 @@
 
 The settings are train.py's plus lora_rank, lora_alpha, lora_rslora (scaling = alpha /
 sqrt(rank), the default, so a rank can change without retuning alpha or the learning rate; False:
-alpha / rank, as the LoRA paper and the original project), lora_dropout and lora_targets.
+alpha / rank, as the LoRA paper and the original project), lora_dropout, lora_targets and
+lora_b_lr_ratio (LoRA+: the zero-initialised B matrices train at that many times the learning rate
+of the A matrices; 1, the default, trains both alike).
 out_dir gets adapter.pt (the best adapter alone: a few KB to MB, with the
 base checkpoint's path, relative to out_dir where they share a tree so that a moved out/ folder
 still finds it, and its sha256, of every file for a folder base, so it is refused on any other
@@ -37,7 +39,7 @@ DEFAULTS = {
     # rsLoRA's alpha / sqrt(rank): the same alpha and lr train alike at ranks 2-16 on the real stories260K
     # (docs/finetuning.md, round 3); the demo's CPU recipe raises alpha and lr for its short run
     "lora_rank": 8, "lora_alpha": 4.0, "lora_rslora": True, "lora_dropout": 0.0,
-    "lora_targets": "wq,wk,wv,wo,tok_embeddings",
+    "lora_targets": "wq,wk,wv,wo,tok_embeddings", "lora_b_lr_ratio": 1.0,
 }
 
 
@@ -69,8 +71,10 @@ class LoRATraining(train.FullTraining):
                    cfg["lora_rslora"])
         if resume is not None:
             # every setting that shapes or scales the adapters: a changed alpha would silently rescale them
-            keys = ("lora_rank", "lora_alpha", "lora_rslora", "lora_dropout", "lora_targets")
-            saved = {k: resume.config.get(k, False if k == "lora_rslora" else None) for k in keys}  # older runs: alpha / rank
+            # (lora_b_lr_ratio too: the saved optimizer groups would keep the old one)
+            keys = ("lora_rank", "lora_alpha", "lora_rslora", "lora_dropout", "lora_targets", "lora_b_lr_ratio")
+            older_runs = {"lora_rslora": False, "lora_b_lr_ratio": 1.0}  # alpha / rank, one learning rate
+            saved = {k: resume.config.get(k, older_runs.get(k)) for k in keys}
             now = {k: cfg[k] for k in keys}
             # targets compared as lists: "wq, wk" is what a run saved as "wq,wk" trained
             saved["lora_targets"] = parse_targets(saved["lora_targets"]) if saved["lora_targets"] else None
@@ -84,6 +88,9 @@ class LoRATraining(train.FullTraining):
     def checkpoint_weights(self, model):
         return {"model": merged_state_dict(model), "lora_state": lora_state_dict(model),
                 **base_reference(self.base_path, self.out_dir), "base_sha256": self.base_sha256}
+
+    def lr_scale(self, name, cfg):
+        return cfg["lora_b_lr_ratio"] if name.endswith(".lora_b") else 1.0
 
     def after_save(self, model, cfg, path, is_best):
         if is_best:
@@ -99,6 +106,8 @@ def check_lora_settings(cfg):
         raise UsageError(f"lora_rank={cfg['lora_rank']}: expected an integer >= 1")
     if cfg["lora_alpha"] <= 0 or not 0 <= cfg["lora_dropout"] < 1:
         raise UsageError("lora_alpha must be > 0 and lora_dropout in [0, 1)")
+    if not cfg["lora_b_lr_ratio"] > 0:
+        raise UsageError(f"lora_b_lr_ratio={cfg['lora_b_lr_ratio']}: expected a number > 0")
     try:
         parse_targets(cfg["lora_targets"])
     except ValueError as exc:

@@ -147,6 +147,10 @@ class FullTraining:
     def after_save(self, model, cfg, path, is_best):
         pass
 
+    def lr_scale(self, name, cfg) -> float:
+        """How many times the schedule's learning rate the parameter `name` trains at."""
+        return 1.0
+
 
 # ---- processes, data, resume and checkpoints ---------------------------------------------------
 
@@ -367,7 +371,8 @@ def train(config, recipe=None) -> dict:
         remove_previous_run(out_dir)
     train_data, val_data = open_training_data(cfg, model.args)
     model.to(cfg["device"])
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type,
+                                           lambda name: recipe.lr_scale(name, cfg))
     scaler = torch.amp.GradScaler(device_type, enabled=cfg["dtype"] == "float16")
     sampler = BatchSampler(train_data, cfg["batch_size"], accum, procs.world, procs.rank, cfg["seed"],
                            cfg["group_by_length"])
@@ -483,7 +488,7 @@ def train_step(train_model, sampler, optimizer, scaler, params, lr, cfg, accum, 
     Returns (mean loss, tokens, mean row length, whether any process was asked to stop); the
     caller applies the step once the loss is finite."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     loss_sum, tokens, rows = torch.zeros((), device=procs.device), 0, 0
     for micro, (x, y, *weights) in enumerate(sampler.iteration(cfg["device"])):
         tokens, rows = tokens + x.numel(), rows + x.shape[0]  # instruct batches are cut to their longest row

@@ -39,7 +39,8 @@ def save_base(path, model):
 
 def lora_config(data_dir, out_dir, base, **overrides):
     c = tiny_config(data_dir, out_dir, dataset="instruct", init_from=base, max_iters=10, eval_interval=5)
-    c.update({k: finetune_lora.DEFAULTS[k] for k in ("lora_rank", "lora_alpha", "lora_rslora", "lora_dropout", "lora_targets")})
+    c.update({k: finetune_lora.DEFAULTS[k] for k in ("lora_rank", "lora_alpha", "lora_rslora", "lora_dropout", "lora_targets",
+                                                      "lora_b_lr_ratio")})
     c.update(overrides)
     return c
 
@@ -223,6 +224,27 @@ def test_lora_resume_continues_exactly(tmp_path):
     assert step_losses(tmp_path / "one") == step_losses(tmp_path / "two")
 
 
+@pytest.mark.parametrize("ratio", [1.0, 4.0])
+def test_lora_plus_trains_the_b_matrices_at_their_ratio_of_the_rate(tmp_path, ratio):
+    """lora_b_lr_ratio gives every B matrix, and nothing else, its own group at ratio x the schedule's
+    rate; at 1 the optimizer keeps the two groups that runs saved before the setting existed."""
+    data_dir = write_instruct_shards(str(tmp_path / "data"))
+    base = save_base(tmp_path / "base.pt", tiny_model())
+    c = lora_config(data_dir, tmp_path / "out", base, max_iters=3, eval_interval=3, lora_b_lr_ratio=ratio)
+    assert finetune_lora.main([f"--{k}={v}" for k, v in c.items()]) == 0
+    last = load_checkpoint(str(tmp_path / "out" / "last.pt"))
+    groups = last.extra["optimizer"]["param_groups"]
+    n_b = sum(k.endswith(".lora_b") for k in last.extra["lora_state"])
+    assert n_b > 0
+    if ratio == 1.0:
+        assert len(groups) == 2 and all("lr_scale" not in g for g in groups)
+        assert len(groups[0]["params"]) == 2 * n_b
+    else:
+        (scaled,) = [g for g in groups if g.get("lr_scale") == ratio]
+        assert len(scaled["params"]) == n_b and len(groups[0]["params"]) == n_b  # the A matrices
+        assert groups[0]["lr"] > 0 and scaled["lr"] == pytest.approx(ratio * groups[0]["lr"])
+
+
 def test_the_bases_vocabulary_decides_the_data_folder(tmp_path, capsys):
     """Only --init_from, --data_dir and --vocab_size (as a user of a custom-vocabulary base
     types them): vocab_source comes from the base, so instruct{VOCAB}/ is read, not instruct0/;
@@ -243,7 +265,8 @@ def test_the_bases_vocabulary_decides_the_data_folder(tmp_path, capsys):
     assert f"instruct{VOCAB}" in err and f"prepare_instruct_data.py --vocab_size={VOCAB}" in err, err
 
 
-@pytest.mark.parametrize("changed", [dict(lora_alpha=8.0), dict(lora_dropout=0.2), dict(lora_rank=4)])
+@pytest.mark.parametrize("changed", [dict(lora_alpha=8.0), dict(lora_dropout=0.2), dict(lora_rank=4),
+                                     dict(lora_b_lr_ratio=4.0)])
 def test_lora_resume_refuses_changed_adapter_settings(tmp_path, capsys, changed):
     """A resumed adapter keeps its scale: another alpha (or dropout, rank) is refused in one line."""
     data_dir = write_instruct_shards(str(tmp_path / "data"))
@@ -263,6 +286,7 @@ def test_lora_resume_refuses_changed_adapter_settings(tmp_path, capsys, changed)
     (["--init_from=x.pt", "--lora_targets=wq,output"], "lora targets"),
     (["--init_from=x.pt", "--lora_rank=0"], "lora_rank=0"),
     (["--lora_rank=two"], "lora_rank expects int"),
+    (["--init_from=x.pt", "--lora_b_lr_ratio=0"], "lora_b_lr_ratio=0"),
 ])
 def test_finetune_cli_errors_are_one_line(argv, needle, capsys):
     assert finetune_lora.main(argv) == 2
