@@ -425,16 +425,14 @@ class Transformer(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lr_scale_of=None):
         """AdamW; matrices decay, vectors do not. lr_scale_of(name) gives a parameter a learning rate
         that many times the schedule's (train.train_step applies each group's lr_scale)."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        scale = {n: lr_scale_of(n) if lr_scale_of else 1.0 for n, _ in named}
-        # the two unscaled groups always exist, so optimizer states saved before lr_scale still load
-        groups = [{"params": [p for n, p in named if p.dim() >= 2 and scale[n] == 1.0], "weight_decay": weight_decay},
-                  {"params": [p for n, p in named if p.dim() < 2 and scale[n] == 1.0], "weight_decay": 0.0}]
-        for s in sorted({v for v in scale.values() if v != 1.0}):
-            for matrices in (True, False):
-                params = [p for n, p in named if scale[n] == s and (p.dim() >= 2) == matrices]
-                if params:
-                    groups.append({"params": params, "weight_decay": weight_decay if matrices else 0.0, "lr_scale": s})
+        # (lr scale, decays) -> params; the two unscaled groups always exist, so optimizer states
+        # saved before lr_scale still load
+        by_kind = {(1.0, True): [], (1.0, False): []}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                by_kind.setdefault((lr_scale_of(name) if lr_scale_of else 1.0, p.dim() >= 2), []).append(p)
+        groups = [{"params": params, "weight_decay": weight_decay if decays else 0.0, **({"lr_scale": s} if s != 1.0 else {})}
+                  for (s, decays), params in by_kind.items()]
         # fused AdamW exists for CUDA and, since PyTorch 2.4, for CPUs (3x faster steps there)
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
