@@ -294,6 +294,25 @@ def parse_story(body, limits):
     return StoryRequest(prompts=[prompt], prompt_param="prompt", stream=stream, **fields)
 
 
+# ---- stop strings: text the client may see yet ------------------------------------------------------
+
+def text_before_stops(text, sent, stops):
+    """(text, stopped, end): the text cut at the first stop string found (in the order given),
+    or else the text whole with `end` held back while its tail could still become one. Text up
+    to `sent` has gone to the client already."""
+    for stop in stops:
+        at = text.find(stop)
+        if at >= 0:
+            return text[:at], True, at
+    hold = max((len(s) - 1 for s in stops), default=0)
+    safe = len(text)
+    for cut in range(max(sent, safe - hold), safe):
+        if any(s.startswith(text[cut:]) for s in stops):
+            safe = cut
+            break
+    return text, False, safe
+
+
 # ---- shaping answers --------------------------------------------------------------------------------
 
 def error_body(message, param=None, kind="invalid_request_error"):

@@ -28,10 +28,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from cli import OneLineParser, UsageError, check_device, default_device, positive_int, report_error, run_main
+# the wire format (bodies parsed and shaped) is openai_api.py's; here, the HTTP routes and the bridge
+# from typed requests to the batching engine
 from openai_api import (STREAM_END, BadRequest, ModelLimits, check_declared_size, check_received_size, chunk,
                         error_body, parse_body, parse_chat, parse_completion, parse_story, response_head, sse,
-                        story_body, story_error_event, story_summary, story_text_event, usage, usage_chunk,
-                        whole_body)
+                        story_body, story_error_event, story_summary, story_text_event, text_before_stops, usage,
+                        usage_chunk, whole_body)
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 
@@ -123,21 +125,12 @@ class Choice:
                 yield pending
 
     def _unsent(self):
-        """The text not yet sent, held back while its end could still become a stop string."""
-        for stop in self.stops:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text = self.text[:at]
-                self.finish_reason = "stop"
-                self.seq.cancel()
-                return self.text[self.sent:]
-        hold = max((len(s) - 1 for s in self.stops), default=0)
-        safe = len(self.text)
-        for cut in range(max(self.sent, safe - hold), safe):
-            if any(s.startswith(self.text[cut:]) for s in self.stops):
-                safe = cut
-                break
-        return self.text[self.sent:safe]
+        """The text not yet sent; at a stop string the story ends there."""
+        self.text, stopped, end = text_before_stops(self.text, self.sent, self.stops)
+        if stopped:
+            self.finish_reason = "stop"
+            self.seq.cancel()
+        return self.text[self.sent:end]
 
     async def finish(self):
         async for _ in self.chunks():

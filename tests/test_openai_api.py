@@ -238,6 +238,21 @@ def test_error_and_story_bodies():
     assert openai_api.story_error_event("boom") == {"error": {"message": "boom", "type": "server_error"}}
 
 
+# ---- stop strings --------------------------------------------------------------------------------------
+
+def test_text_is_cut_at_a_stop_string_and_held_back_while_one_could_be_forming():
+    stop = openai_api.text_before_stops
+    assert stop("Once upon", 0, []) == ("Once upon", False, 9)  # no stops: all of it
+    assert stop("Tom ran. He", 3, ["."]) == ("Tom ran", True, 7)
+    # " T" could still grow into " The": held back, but only the part after what was sent
+    assert stop("Tom ran T", 0, [" The"]) == ("Tom ran T", False, 7)
+    assert stop("Tom ran Th", 0, [" The", "!"]) == ("Tom ran Th", False, 7)
+    assert stop("Tom ran Tim", 0, [" The"]) == ("Tom ran Tim", False, 11)
+    assert stop("Tom ran T", 9, [" The"]) == ("Tom ran T", False, 9)  # nothing sent is taken back
+    # today the first stop in the list wins, not the earliest in the text
+    assert stop("a. b!", 0, ["!", "."]) == ("a. b", True, 4)
+
+
 # ---- fuzzed bodies ------------------------------------------------------------------------------------
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
