@@ -18,24 +18,24 @@ a plain one.
 """
 import argparse
 import asyncio
-import json
-import math
 import os
-import re
 import signal
 import socket
 import sys
 import time
-import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from cli import OneLineParser, UsageError, check_device, default_device, positive_int, report_error, run_main
+# the wire format (bodies parsed and shaped) is openai_api.py's; here, the HTTP routes and the bridge
+# from typed requests to the batching engine
+from openai_api import (STREAM_END, BadRequest, ModelLimits, check_declared_size, check_received_size, chunk,
+                        error_body, parse_body, parse_chat, parse_completion, parse_story, response_head, sse,
+                        story_body, story_error_event, story_summary, story_text_event, text_before_stops, usage,
+                        usage_chunk, whole_body)
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
-MAX_BODY_BYTES = 256 * 1024
-MAX_CHOICES = 8  # n times the number of prompts, per request
-MAX_STOP_STRINGS = 4  # OpenAI's limit
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
-WORD = re.compile(r"[A-Za-z][A-Za-z'-]{0,29}")
 
 
 def build_parser():
@@ -58,74 +58,17 @@ def build_parser():
     return p
 
 
-class BadRequest(Exception):
-    """A request body we refuse: 400 with {"error": {"message", "type", "param"}}."""
-
-    def __init__(self, param, message, status=400):
-        super().__init__(f"{param}: {message}" if param else message)
-        self.param, self.status = param, status
-
-
-# ---- reading a request's fields: each check names the field it refuses --------------------------
-
-def _number(body, name, default, low, high, integer=False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    kinds = (int,) if integer else (int, float)
-    # bool is an int to Python, not to JSON
-    if isinstance(value, bool) or not isinstance(value, kinds) or (isinstance(value, float) and not math.isfinite(value)):
-        raise BadRequest(name, f"expected {'an integer' if integer else 'a number'}, got {json.dumps(value)[:40]}")
-    if not low <= value <= high:
-        raise BadRequest(name, f"expected {low}..{high}, got {value}")
-    return value
-
-
-def _bool(body, name, default=False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise BadRequest(name, f"expected true or false, got {json.dumps(value)[:40]}")
-    return value
-
-
-def _stop_strings(body):
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise BadRequest("stop", "expected a non-empty string or a list of them")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise BadRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings")
-    return stops
-
-
-def _word(body, name):
-    value = body.get(name)
-    if not isinstance(value, str) or not WORD.fullmatch(value.strip()):
-        raise BadRequest(name, f"expected one English word (letters, up to 30), got {json.dumps(value)[:40]}")
-    return value.strip()
-
-
-def message_text(content, where):
-    """A message's content: a string, or OpenAI's list of {type: text, text} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise BadRequest(where, "expected a string or a list of {\"type\": \"text\", \"text\": ...} parts")
-
+# ---- the bridge: typed requests in, token events from the engine out -----------------------------
 
 class Storyteller:
     """The model and its tokenizer as the HTTP side sees them: prompts in, token events out."""
 
-    def __init__(self, engine, tokenizer, ckpt, name):
+    def __init__(self, engine, tokenizer, ckpt, name, created=0):
         self.engine, self.tokenizer, self.ckpt, self.name = engine, tokenizer, ckpt, name
         self.instruct = ckpt.is_instruct
         self.context = ckpt.model_args.max_seq_len
+        self.created = created  # the model file's time, as /v1/models reports it
+        self.limits = ModelLimits(name, self.context, tokenizer.vocab_size, self.instruct)
 
     def encode(self, text, param):
         from prompts import prompt_ids
@@ -134,26 +77,17 @@ class Storyteller:
             raise BadRequest(param, f"the prompt is {len(ids)} tokens; the model's context is {self.context}")
         return ids
 
-    def budget(self, body, prompts, default):
-        """max_tokens (or max_completion_tokens), checked against the context left by the longest prompt."""
-        name = "max_completion_tokens" if body.get("max_tokens") is None and \
-            body.get("max_completion_tokens") is not None else "max_tokens"
+    def budget(self, request, prompts):
+        """The request's max_tokens, checked against the context left by the longest prompt."""
         room = self.context - max(len(p) for p in prompts)
-        value = _number(body, name, None, 1, self.context, integer=True)
+        value = request.max_tokens
         if value is None:
-            return min(default or room, room)
+            return min(request.default_max_tokens or room, room)
         if value > room:
-            raise BadRequest(name, f"{value} new tokens after a prompt of {max(len(p) for p in prompts)} "
-                                   f"exceed the model's context of {self.context} tokens (at most {room})")
+            raise BadRequest(request.max_tokens_param, f"{value} new tokens after a prompt of "
+                             f"{max(len(p) for p in prompts)} exceed the model's context of {self.context} "
+                             f"tokens (at most {room})")
         return value
-
-    def sampling(self, body, temperature=1.0, top_k=None):
-        top_p = _number(body, "top_p", 1.0, 0, 1)
-        if top_p == 0:  # OpenAI takes 0 too; the nucleus then holds just the likeliest token
-            top_p = 1e-9
-        return dict(temperature=_number(body, "temperature", temperature, 0, 2), top_p=top_p,
-                    top_k=_number(body, "top_k", top_k, 1, self.tokenizer.vocab_size, integer=True),
-                    seed=_number(body, "seed", None, 0, 2**62, integer=True))
 
 
 class Choice:
@@ -191,21 +125,12 @@ class Choice:
                 yield pending
 
     def _unsent(self):
-        """The text not yet sent, held back while its end could still become a stop string."""
-        for stop in self.stops:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text = self.text[:at]
-                self.finish_reason = "stop"
-                self.seq.cancel()
-                return self.text[self.sent:]
-        hold = max((len(s) - 1 for s in self.stops), default=0)
-        safe = len(self.text)
-        for cut in range(max(self.sent, safe - hold), safe):
-            if any(s.startswith(self.text[cut:]) for s in self.stops):
-                safe = cut
-                break
-        return self.text[self.sent:safe]
+        """The text not yet sent; at a stop string the story ends there."""
+        self.text, stopped, end = text_before_stops(self.text, self.sent, self.stops)
+        if stopped:
+            self.finish_reason = "stop"
+            self.seq.cancel()
+        return self.text[self.sent:end]
 
     async def finish(self):
         async for _ in self.chunks():
@@ -213,80 +138,50 @@ class Choice:
         return self.text
 
 
-def create_app(teller, shutdown_timeout=30.0):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-    from batching import QueueFull, ShuttingDown
+class Generation:
+    """One request's stories in flight: its prompts tokenized, its budget checked against the
+    context, one Choice per prompt and per n queued at once (or none: QueueFull), then collected
+    whole or merged into one stream."""
 
-    app = FastAPI(title="storyteller", docs_url=None, redoc_url=None, openapi_url=None)
-
-    def error(status, message, param=None, kind="invalid_request_error", headers=None):
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                            status_code=status, headers=headers)
-
-    @app.exception_handler(BadRequest)
-    async def bad_request(request, exc):
-        return error(exc.status, str(exc), exc.param)
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(request, exc):
-        return error(503, f"busy: {exc}; retry shortly", kind="server_busy", headers={"Retry-After": "1"})
-
-    @app.exception_handler(ShuttingDown)
-    async def shutting_down(request, exc):
-        return error(503, str(exc), kind="server_busy", headers={"Retry-After": "5"})
-
-    @app.exception_handler(404)
-    async def not_found(request, exc):
-        return error(404, f"no such endpoint: {request.method} {request.url.path}")
-
-    @app.exception_handler(405)
-    async def wrong_method(request, exc):
-        return error(405, f"{request.url.path} does not take {request.method}")
-
-    async def read_body(request):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise BadRequest("body", f"{declared} bytes; at most {MAX_BODY_BYTES}")
-        data = bytearray()
-        async for part in request.stream():
-            data += part
-            if len(data) > MAX_BODY_BYTES:
-                raise BadRequest("body", f"over {MAX_BODY_BYTES} bytes")
-        try:
-            body = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest("body", f"not JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise BadRequest("body", "expected a JSON object")
-        return body
-
-    def start(prompts, body, max_tokens, sampling, stops):
-        """One Choice per prompt and per n, all queued at once (or none: QueueFull)."""
-        n = _number(body, "n", 1, 1, MAX_CHOICES, integer=True)
-        if n * len(prompts) > MAX_CHOICES:
-            raise BadRequest("n", f"{n} choices for each of {len(prompts)} prompts: at most {MAX_CHOICES} in all")
+    def __init__(self, teller, request):
+        self.request = request
+        self.prompts = [teller.encode(text, request.prompt_param) for text in request.prompts]
+        max_tokens = teller.budget(request, self.prompts)
         loop = asyncio.get_running_loop()
-        choices = []
-        for ids in prompts:
-            for _ in range(n):
-                choice = Choice(loop, teller, ids, stops, len(choices))
+        sampling, self.choices = request.sampling, []
+        for ids in self.prompts:
+            for _ in range(request.n):
+                choice = Choice(loop, teller, ids, request.stops, len(self.choices))
                 choice.seq.max_new_tokens = max_tokens
-                choice.seq.temperature, choice.seq.top_k = sampling["temperature"], sampling["top_k"]
-                choice.seq.top_p = sampling["top_p"]
+                choice.seq.temperature, choice.seq.top_k = sampling.temperature, sampling.top_k
+                choice.seq.top_p = sampling.top_p
                 # n choices from one seed must still differ
-                choice.seq.seed = None if sampling["seed"] is None else sampling["seed"] + len(choices)
-                choices.append(choice)
-        teller.engine.submit([c.seq for c in choices])
-        return choices
+                choice.seq.seed = None if sampling.seed is None else sampling.seed + len(self.choices)
+                self.choices.append(choice)
+        self.began = time.perf_counter()
+        teller.engine.submit([c.seq for c in self.choices])
 
-    def usage(prompts, choices, n):
-        prompt_tokens = sum(len(p) for p in prompts) * n
-        completion_tokens = sum(len(c.ids) for c in choices)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+    def usage(self):
+        return usage([len(p) for p in self.prompts], self.request.n, [len(c.ids) for c in self.choices])
 
-    async def merged(choices):
+    async def collect(self, http_request):
+        """Wait for every choice; a client that disconnects meanwhile frees its rows."""
+        waiter = asyncio.ensure_future(asyncio.gather(*(c.finish() for c in self.choices)))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=0.5)
+                if done:
+                    return waiter.result()
+                if await http_request.is_disconnected():
+                    return None
+        except RuntimeError as exc:
+            raise BadRequest(None, str(exc), status=500) from None
+        finally:
+            waiter.cancel()
+            for choice in self.choices:
+                choice.seq.cancel()
+
+    async def merged(self):
         """(choice, text) as any choice produces text, until all are done."""
         queue = asyncio.Queue()
 
@@ -298,9 +193,9 @@ def create_app(teller, shutdown_timeout=30.0):
                 await queue.put((choice, exc))
             await queue.put((choice, None))
 
-        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        tasks = [asyncio.create_task(pump(c)) for c in self.choices]
         try:
-            remaining = len(choices)
+            remaining = len(self.choices)
             while remaining:
                 choice, text = await queue.get()
                 if isinstance(text, Exception):
@@ -312,198 +207,147 @@ def create_app(teller, shutdown_timeout=30.0):
         finally:
             for task in tasks:
                 task.cancel()
-            for choice in choices:
+            for choice in self.choices:
                 choice.seq.cancel()  # a client gone mid-story frees its rows
 
-    async def collect(request, choices):
-        """Wait for every choice; a client that disconnects meanwhile frees its rows."""
-        waiter = asyncio.ensure_future(asyncio.gather(*(c.finish() for c in choices)))
-        try:
-            while True:
-                done, _ = await asyncio.wait({waiter}, timeout=0.5)
-                if done:
-                    return waiter.result()
-                if await request.is_disconnected():
-                    return None
-        except RuntimeError as exc:
-            raise BadRequest(None, str(exc), status=500) from None
-        finally:
-            waiter.cancel()
-            for choice in choices:
-                choice.seq.cancel()
 
-    def sse(obj):
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+# ---- HTTP: reading bodies, answering ------------------------------------------------------------
 
-    def streaming(events):
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+async def read_body(request):
+    check_declared_size(request.headers.get("content-length"))
+    data = bytearray()
+    async for part in request.stream():
+        data += part
+        check_received_size(len(data))
+    return parse_body(data)
 
-    def stream_options(body):
-        options = body.get("stream_options")
-        if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
-            raise BadRequest("stream_options", "expected {\"include_usage\": true or false}")
-        return bool(options and options.get("include_usage"))
 
-    # ---- the page, models, health ----------------------------------------------------------
+def error_response(status, message, param=None, kind="invalid_request_error", headers=None):
+    return JSONResponse(error_body(message, param, kind), status_code=status, headers=headers)
 
-    @app.get("/")
-    async def page():
-        return FileResponse(PAGE, media_type="text/html")
 
-    @app.get("/health")
-    async def health():
-        running, waiting = teller.engine.load()
-        from prompts import FEATURE_PHRASES
-        return {"status": "ok", "model": teller.name, "instruct": teller.instruct,
-                "features": list(FEATURE_PHRASES), "context": teller.context,
-                "running": running, "waiting": waiting, "max_batch": teller.engine.max_batch,
-                "tokens_generated": teller.engine.tokens_out, "decode_steps": teller.engine.steps,
-                "rows_cancelled": teller.engine.rows_cancelled}
+def streaming(events):
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": teller.name, "object": "model", "created": teller.created,
-                                            "owned_by": "storyteller"}]}
 
-    # ---- OpenAI completions ----------------------------------------------------------------
+async def answer_openai(http_request, request):
+    """Completions and chat: one body once every choice ends, or a stream of chunks."""
+    teller = http_request.app.state.teller
+    generation = Generation(teller, request)
+    head = response_head(request, teller.name)
+    if not request.stream:
+        await generation.collect(http_request)
+        return whole_body(request, head, generation.choices, generation.usage())
+    return streaming(openai_events(generation, {**head, "object": request.chunk_object_name}))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request)
-        prompt = body.get("prompt", "")
-        if isinstance(prompt, str):
-            texts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            texts = prompt
-        else:
-            raise BadRequest("prompt", "expected a string or a non-empty list of strings")
-        if len(texts) > MAX_CHOICES:
-            raise BadRequest("prompt", f"{len(texts)} prompts; at most {MAX_CHOICES}")
-        prompts = [teller.encode(t, "prompt") for t in texts]
-        max_tokens = teller.budget(body, prompts, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        sampling, stops, stream = teller.sampling(body), _stop_strings(body), _bool(body, "stream")
-        include_usage = stream_options(body)
-        n = _number(body, "n", 1, 1, MAX_CHOICES, integer=True)
-        choices = start(prompts, body, max_tokens, sampling, stops)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": teller.name}
-        if not stream:
-            await collect(request, choices)
-            return {**head, "choices": [{"index": c.index, "text": c.text, "logprobs": None,
-                                         "finish_reason": c.finish_reason} for c in choices],
-                    "usage": usage(prompts, choices, n)}
 
-        async def events():
-            async for choice, text in merged(choices):
-                yield sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": None,
-                                                "finish_reason": None}]})
-            for c in choices:
-                yield sse({**head, "choices": [{"index": c.index, "text": "", "logprobs": None,
-                                                "finish_reason": c.finish_reason}]})
-            if include_usage:
-                yield sse({**head, "choices": [], "usage": usage(prompts, choices, n)})
-            yield "data: [DONE]\n\n"
-        return streaming(events())
+async def openai_events(generation, head):
+    request = generation.request
+    for opening in request.opening_choices([c.index for c in generation.choices]):
+        yield sse(chunk(head, opening))
+    async for choice, text in generation.merged():
+        yield sse(chunk(head, request.text_choice(choice.index, text)))
+    for c in generation.choices:
+        yield sse(chunk(head, request.finish_choice(c.index, c.finish_reason)))
+    if request.include_usage:
+        yield sse(usage_chunk(head, generation.usage()))
+    yield STREAM_END
 
-    # ---- OpenAI chat completions -----------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("messages", "expected a non-empty list of {role, content}")
-        prompt = None
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise BadRequest(f"messages[{i}]", "expected {\"role\": ..., \"content\": ...}")
-            if message["role"] == "user":
-                prompt = message_text(message.get("content"), f"messages[{i}].content")
-        if prompt is None:
-            raise BadRequest("messages", "no user message: its content is the prompt")
-        prompts = [teller.encode(prompt, "messages")]
-        max_tokens = teller.budget(body, prompts, None)
-        sampling, stops, stream = teller.sampling(body), _stop_strings(body), _bool(body, "stream")
-        include_usage = stream_options(body)
-        n = _number(body, "n", 1, 1, MAX_CHOICES, integer=True)
-        choices = start(prompts, body, max_tokens, sampling, stops)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": teller.name}
-        if not stream:
-            await collect(request, choices)
-            return {**head, "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                         "logprobs": None, "finish_reason": c.finish_reason} for c in choices],
-                    "usage": usage(prompts, choices, n)}
-        head["object"] = "chat.completion.chunk"
+async def story_events(generation):
+    [choice] = generation.choices
+    try:
+        async for _, text in generation.merged():
+            yield sse(story_text_event(text))
+    except RuntimeError as exc:  # the engine failed this story; the page shows why
+        yield sse(story_error_event(str(exc)))
+        return
+    yield sse(story_summary(choice.finish_reason, len(choice.ids), time.perf_counter() - generation.began))
 
-        async def events():
-            for c in choices:
-                yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
-            async for choice, text in merged(choices):
-                yield sse({**head, "choices": [{"index": choice.index, "delta": {"content": text},
-                                                "logprobs": None, "finish_reason": None}]})
-            for c in choices:
-                yield sse({**head, "choices": [{"index": c.index, "delta": {}, "logprobs": None,
-                                                "finish_reason": c.finish_reason}]})
-            if include_usage:
-                yield sse({**head, "choices": [], "usage": usage(prompts, choices, n)})
-            yield "data: [DONE]\n\n"
-        return streaming(events())
 
-    # ---- our own: a story from three words and features ------------------------------------
+# ---- the routes ------------------------------------------------------------------------------------
 
-    @app.post("/v1/stories")
-    async def stories(request: Request):
-        body = await read_body(request)
-        from prompts import build_prompt
-        words = [body.get(k) for k in ("verb", "noun", "adjective")]
-        if any(w is not None for w in words) or body.get("features"):
-            if not teller.instruct:
-                raise BadRequest("verb", f"{teller.name} is a plain storyteller, not an instruct one: "
-                                         f"send a prompt to continue instead")
-            if body.get("prompt") is not None:
-                raise BadRequest("prompt", "give either prompt or verb/noun/adjective, not both")
-            verb, noun, adjective = (_word(body, k) for k in ("verb", "noun", "adjective"))
-            features = body.get("features") or []
-            if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
-                raise BadRequest("features", "expected a list of feature names")
-            try:
-                text = build_prompt(verb, noun, adjective, features)
-            except ValueError as exc:
-                raise BadRequest("features", str(exc)) from None
-        else:
-            text = body.get("prompt", "")
-            if not isinstance(text, str):
-                raise BadRequest("prompt", "expected a string")
-        prompts = [teller.encode(text, "prompt")]
-        max_tokens = teller.budget(body, prompts, None)
-        sampling, stream = teller.sampling(body, temperature=0.5, top_k=10), _bool(body, "stream")
-        if body.get("n") not in (None, 1):
-            raise BadRequest("n", "one story per request here")
-        began = time.perf_counter()
-        [choice] = start(prompts, body, max_tokens, sampling, [])
+async def page():
+    return FileResponse(PAGE, media_type="text/html")
 
-        def summary():
-            seconds = time.perf_counter() - began
-            return {"done": True, "finish_reason": choice.finish_reason, "tokens": len(choice.ids),
-                    "seconds": round(seconds, 3), "tokens_per_s": round(len(choice.ids) / max(seconds, 1e-9), 1)}
 
-        if not stream:
-            await collect(request, [choice])
-            return {"prompt": text, "story": choice.text, **summary()}
+async def health(request: Request):
+    from prompts import FEATURE_PHRASES
+    teller = request.app.state.teller
+    running, waiting = teller.engine.load()
+    return {"status": "ok", "model": teller.name, "instruct": teller.instruct,
+            "features": list(FEATURE_PHRASES), "context": teller.context,
+            "running": running, "waiting": waiting, "max_batch": teller.engine.max_batch,
+            "tokens_generated": teller.engine.tokens_out, "decode_steps": teller.engine.steps,
+            "rows_cancelled": teller.engine.rows_cancelled}
 
-        async def events():
-            try:
-                async for _, text_part in merged([choice]):
-                    yield sse({"text": text_part})
-            except RuntimeError as exc:  # the engine failed this story; the page shows why
-                yield sse({"error": {"message": str(exc), "type": "server_error"}})
-                return
-            yield sse(summary())
-        return streaming(events())
 
+async def models(request: Request):
+    teller = request.app.state.teller
+    return {"object": "list", "data": [{"id": teller.name, "object": "model", "created": teller.created,
+                                        "owned_by": "storyteller"}]}
+
+
+async def completions(request: Request):
+    body = await read_body(request)
+    return await answer_openai(request, parse_completion(body, request.app.state.teller.limits))
+
+
+async def chat_completions(request: Request):
+    body = await read_body(request)
+    return await answer_openai(request, parse_chat(body, request.app.state.teller.limits))
+
+
+async def stories(request: Request):
+    """Our own: a story from three words and features (instruct models), or from a prompt."""
+    teller = request.app.state.teller
+    story_request = parse_story(await read_body(request), teller.limits)
+    generation = Generation(teller, story_request)
+    if story_request.stream:
+        return streaming(story_events(generation))
+    await generation.collect(request)
+    [choice] = generation.choices
+    summary = story_summary(choice.finish_reason, len(choice.ids), time.perf_counter() - generation.began)
+    return story_body(story_request.prompts[0], choice.text, summary)
+
+
+# ---- errors as OpenAI shapes them --------------------------------------------------------------
+
+async def bad_request(request, exc):
+    return error_response(exc.status, str(exc), exc.param)
+
+
+async def queue_full(request, exc):
+    return error_response(503, f"busy: {exc}; retry shortly", kind="server_busy", headers={"Retry-After": "1"})
+
+
+async def shutting_down(request, exc):
+    return error_response(503, str(exc), kind="server_busy", headers={"Retry-After": "5"})
+
+
+async def not_found(request, exc):
+    return error_response(404, f"no such endpoint: {request.method} {request.url.path}")
+
+
+async def wrong_method(request, exc):
+    return error_response(405, f"{request.url.path} does not take {request.method}")
+
+
+ROUTES = [("GET", "/", page), ("GET", "/health", health), ("GET", "/v1/models", models),
+          ("POST", "/v1/completions", completions), ("POST", "/v1/chat/completions", chat_completions),
+          ("POST", "/v1/stories", stories)]
+
+
+def create_app(teller, shutdown_timeout=30.0):
+    from batching import QueueFull, ShuttingDown
+    app = FastAPI(title="storyteller", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.teller = teller
+    for error, handler in [(BadRequest, bad_request), (QueueFull, queue_full), (ShuttingDown, shutting_down),
+                           (404, not_found), (405, wrong_method)]:
+        app.add_exception_handler(error, handler)
+    for method, path, endpoint in ROUTES:
+        app.add_api_route(path, endpoint, methods=[method])
     return app
 
 
@@ -536,8 +380,8 @@ def serve(args):
     model.eval()
     engine = BatchEngine(model, (tokenizer.eos_id, tokenizer.bos_id), args.max_batch, args.max_queue,
                          compile=args.compile)
-    teller = Storyteller(engine, tokenizer, ckpt, os.path.basename(os.path.normpath(args.model_path)))
-    teller.created = int(os.path.getmtime(args.model_path))
+    teller = Storyteller(engine, tokenizer, ckpt, os.path.basename(os.path.normpath(args.model_path)),
+                         created=int(os.path.getmtime(args.model_path)))
     app = create_app(teller, args.shutdown_timeout)
     engine.start()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
