@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 

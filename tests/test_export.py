@@ -13,8 +13,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must never reach for the Hub here
 
 import export  # noqa: E402
-from checkpoint import (CheckpointError, hf_permute_qk, hf_unpermute_qk, load_checkpoint,  # noqa: E402
-                        load_model, model_args_dict, save_checkpoint)
+from checkpoints import CheckpointError, load_checkpoint, load_model, model_args_dict, save_checkpoint  # noqa: E402
+from checkpoints import gguf_file, huggingface, llama2c  # noqa: E402
+from checkpoints.huggingface import hf_permute_qk, hf_unpermute_qk  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -178,7 +179,7 @@ def test_q8_round_trip_gqa(gqa_checkpoint, tmp_path):
 
 
 def test_q8_all_zero_group_stays_zero():
-    q, scale = export.quantize_q8_0(torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -2.0, 0.5, 0.0]]), 4)
+    q, scale = llama2c.quantize_q8_0(torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -2.0, 0.5, 0.0]]), 4)
     assert scale.tolist()[0] == 0 and q[0].tolist() == [0, 0, 0, 0]
     assert q[1].tolist() == [64, -127, 32, 0] and scale[1].item() == pytest.approx(2 / 127)
 
@@ -381,7 +382,7 @@ def check_gguf_file(path, source, tokenizer):
     assert [types[i] == 6 for i in range(sp.get_piece_size())] == [sp.is_byte(i) for i in range(sp.get_piece_size())]
     # every tensor, by llama.cpp's name, equal to the source; q/k NOT permuted
     tensors = {t.name: t for t in reader.tensors}
-    names = export.gguf_key_map(args.n_layers)
+    names = gguf_file.gguf_key_map(args.n_layers)
     assert set(tensors) == set(names.values())  # tied: no output.weight
     for ours, theirs in names.items():
         tensor = tensors[theirs]
@@ -476,7 +477,7 @@ def test_failed_hf_export_leaves_nothing(gqa_checkpoint, tmp_path, monkeypatch):
     def broken(folder, *args):
         open(os.path.join(folder, "config.json"), "w").close()
         raise OSError("disk full")
-    monkeypatch.setattr(export, "write_hf_folder", broken)
+    monkeypatch.setattr(huggingface, "write_hf_folder", broken)
     with pytest.raises(OSError):
         export.export(gqa_checkpoint, "hf", str(tmp_path / "hf"))
     assert sorted(os.listdir(tmp_path)) == ["random.pt"]

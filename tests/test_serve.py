@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from checkpoint import save_checkpoint
+from checkpoints import save_checkpoint
 from docs_reference import greedy_story
 from model import ModelArgs, Transformer
 from tests.conftest import ROOT, TEST_DATA
