@@ -37,22 +37,36 @@ def base_reference(base_path: str, folder: str) -> dict:
 def find_base_checkpoint(path: str, obj: dict) -> str:
     """The base an adapter or a LoRA run's last.pt at `path` names (base_reference): relative to
     its folder first, then the absolute path, then (files from before) as written."""
+    return _locate_base(path, obj)[0]
+
+
+def _locate_base(path: str, obj: dict):
+    """(base path, whether its sha256 is the recorded one; None where none is recorded). Of the
+    places find_base_checkpoint tries, the first holding the recorded model wins: an adapter
+    copied beside another model's base.pt still finds its own at the absolute path."""
     recorded = obj.get("base_checkpoint")
     if not isinstance(recorded, str) or not recorded:
         raise CheckpointError(f"{path}: names no base checkpoint")
     here = os.path.dirname(os.path.abspath(path))
     candidates = [os.path.join(here, recorded), obj.get("base_checkpoint_absolute"), recorded]
-    found = next((c for c in candidates if isinstance(c, str) and c and os.path.exists(c)), None)
-    if found is None:
+    found = []
+    for candidate in candidates:
+        if isinstance(candidate, str) and candidate and os.path.exists(candidate) \
+                and os.path.abspath(candidate) not in map(os.path.abspath, found):
+            found.append(candidate)
+    if not found:
         raise CheckpointError(f"{path}: its base checkpoint {recorded!r} is not found")
-    return found
+    expected = obj.get("base_sha256")
+    if not expected:
+        return found[0], None
+    return next(((c, True) for c in found if checkpoint_sha256(c) == expected), (found[0], False))
 
 
 def read_lora_adapter(path, obj: dict, load_base) -> Checkpoint:
     """The adapter in `obj` (read from `path`) merged into its base, which load_base reads
     (loading.load_checkpoint, passed in so that this module need not import the dispatch)."""
-    base_path = find_base_checkpoint(path, obj)
-    if obj.get("base_sha256") and checkpoint_sha256(base_path) != obj["base_sha256"]:
+    base_path, same_base = _locate_base(path, obj)
+    if same_base is False:
         raise CheckpointError(f"{path}: base checkpoint {base_path} is not the one this adapter "
                               f"was trained on (sha256 differs)")
     if os.path.abspath(base_path) == os.path.abspath(path):
