@@ -5,22 +5,23 @@ import hashlib
 import os
 
 from checkpoints.common import Checkpoint, CheckpointError
+from checkpoints.huggingface import HF_MODEL_FILES
 from cli import file_sha256
 from lora import merge_adapters
 from prompts import PROMPT_FORMAT_KEY
 
 
 def checkpoint_sha256(path: str) -> str:
-    """sha256 of a checkpoint file; for a folder (a Hugging Face model), of every file in it:
-    each one's path inside the folder and its own sha256, in sorted order."""
+    """sha256 of a checkpoint file; for a folder (a Hugging Face model), of the files that make
+    the model (HF_MODEL_FILES, not a .git/ or notes beside them): each one's name and its own
+    sha256, in sorted order."""
     if not os.path.isdir(path):
         return file_sha256(path)
     digest = hashlib.sha256()
-    for folder, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(folder, name)
-            digest.update(f"{os.path.relpath(full, path)}\0{file_sha256(full)}\n".encode("utf-8"))
+    for name in sorted(HF_MODEL_FILES):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            digest.update(f"{name}\0{file_sha256(full)}\n".encode("utf-8"))
     return digest.hexdigest()
 
 

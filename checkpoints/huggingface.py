@@ -16,6 +16,11 @@ from data_paths import LLAMA2_VOCAB_SIZE, vocab_source
 from model import ModelArgs
 from prompts import PROMPT_FORMAT_KEY
 
+# The files that make a Hugging Face Llama model: what write_hf_folder writes, and the torch weights
+# file read_hf_folder also reads. A folder's hash (adapter.checkpoint_sha256) covers these only.
+HF_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "pytorch_model.bin",
+                  "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
 
 def hf_key_map(n_layers) -> Dict[str, str]:
     """This project's state-dict key -> the Hugging Face LlamaForCausalLM key (lm_head is tied)."""

@@ -395,3 +395,34 @@ def test_adapter_whose_every_base_changed_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="sha256 differs") as info:
         load_checkpoint(str(tmp_path / "adapter.pt"))
     assert_one_line_error(tmp_path / "adapter.pt", info)
+
+
+def test_a_folder_bases_hash_covers_its_model_files_only(shared_data, tmp_path):
+    """A Hugging Face folder used as a LoRA base is pinned by the hash of the files that make the
+    model; a .git/ folder or notes added beside them change nothing, a changed config does."""
+    import hashlib
+
+    import export
+    folder = tmp_path / "hf"
+    assert export.main([f"--checkpoint={shared_data}/stories260K.pt", "--format=hf", f"--out={folder}",
+                        f"--tokenizer={shared_data}/tok512.model"]) == 0
+    pinned = checkpoint_sha256(str(folder))
+    # the digest of a folder holding only the export's files is the one adapters saved before recorded
+    before = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        before.update(f"{name}\0{hashlib.sha256((folder / name).read_bytes()).hexdigest()}\n".encode())
+    assert pinned == before.hexdigest()
+    base, _ = load_model(str(folder))
+    expected = save_adapter(tmp_path / "adapter.pt", folder, base)
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "README.md").write_text("my notes\n")
+    assert checkpoint_sha256(str(folder)) == pinned
+    loaded = load_checkpoint(str(tmp_path / "adapter.pt"))
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded.state_dict[key], value)
+    with open(folder / "config.json", "a") as f:
+        f.write("\n")
+    assert checkpoint_sha256(str(folder)) != pinned
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_checkpoint(str(tmp_path / "adapter.pt"))
