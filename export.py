@@ -138,8 +138,13 @@ def export_llama2c(fmt, out, args, state, tokenizer, prompt_format, force) -> st
         raise UsageError(f"{out}: is where the tokenizer file goes; name the model differently")
     llama2c.export_llama2c_tokenizer(tokenizer, tokenizer_bin, force)
     sidecar = llama2c.llama2c_sidecar_path(out)
-    write_json(sidecar, {PROMPT_FORMAT_KEY: prompt_format}, indent=2)
-    atomic_write(out, lambda tmp: LLAMA2C_WRITERS[fmt](tmp, args, state))
+
+    def write_model_then_sidecar(tmp):
+        # the sidecar only once the .bin is whole, and the .bin renamed right after it: a failed
+        # write leaves the old pair, never the old model beside the new one's prompt format
+        LLAMA2C_WRITERS[fmt](tmp, args, state)
+        write_json(sidecar, {PROMPT_FORMAT_KEY: prompt_format}, indent=2)
+    atomic_write(out, write_model_then_sidecar)
     return f"wrote {out}, {os.path.basename(sidecar)} (its prompt format) and {tokenizer_bin}"
 
 

@@ -483,6 +483,28 @@ def test_failed_hf_export_leaves_nothing(gqa_checkpoint, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["random.pt"]
 
 
+def test_failed_llama2c_write_keeps_the_old_model_and_its_prompt_format(gqa_checkpoint, tmp_path, monkeypatch):
+    """Exporting over an earlier .bin: a write that fails leaves the old .bin and the old sidecar
+    (not the old model beside the new model's prompt format)."""
+    out = tmp_path / "model.bin"
+    assert run_export(f"--checkpoint={gqa_checkpoint}", "--format=llama2c-v0", f"--out={out}") == 0
+    old_model, old_sidecar = out.read_bytes(), (tmp_path / "model.bin.json").read_bytes()
+    raw = torch.load(gqa_checkpoint, weights_only=True)
+    raw["config"]["dataset"] = "instruct"  # another prompt format: the sidecar would change
+    instruct = tmp_path / "instruct.pt"
+    torch.save(raw, instruct)
+
+    def disk_full(path, args, state):
+        with open(path, "wb") as f:
+            f.write(b"half a model")
+        raise OSError("No space left on device")
+    monkeypatch.setitem(export.LLAMA2C_WRITERS, "llama2c-v0", disk_full)
+    assert run_export(f"--checkpoint={instruct}", "--format=llama2c-v0", f"--out={out}", "--force") == 1
+    assert out.read_bytes() == old_model
+    assert (tmp_path / "model.bin.json").read_bytes() == old_sidecar
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no temp files left
+
+
 def test_different_tokenizer_bin_beside_output_needs_force(gqa_checkpoint, tmp_path, capsys):
     (tmp_path / "tiny.bin").write_bytes(b"someone else's tokenizer")
     out = tmp_path / "model.bin"
