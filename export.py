@@ -65,8 +65,11 @@ Formats
   Llama from the Hugging Face Hub with finetune_lora.py.
 
 An existing output is never replaced without --force (into an existing folder, --format=hf
-writes only its own files, whatever else is there stays); every file is written under a temporary
-name and renamed (a folder likewise), so a reader never sees half an export.
+writes only its own files, whatever else is there stays). Every file is written under a temporary
+name and renamed, so a reader never sees half a file, and an export that fails while writing
+changes nothing. A new folder appears whole, in one rename; into an existing folder the files are
+renamed in one by one, so a reader looking at that moment can find some new beside some old (no
+rename replaces some of a folder's files at once and keeps the others).
 """
 import argparse
 import os

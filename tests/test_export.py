@@ -505,6 +505,24 @@ def test_failed_llama2c_write_keeps_the_old_model_and_its_prompt_format(gqa_chec
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no temp files left
 
 
+def test_failed_hf_export_into_a_folder_changes_nothing_there(gqa_checkpoint, tmp_path, monkeypatch):
+    """What export.py promises for an existing folder: the new files are written aside first, so a
+    failed write leaves the old export (and the user's files) as they were."""
+    out = tmp_path / "hf"
+    assert run_export(f"--checkpoint={gqa_checkpoint}", "--format=hf", f"--out={out}") == 0
+    (out / "notes.txt").write_text("mine")
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+    def broken(folder, *args):
+        open(os.path.join(folder, "config.json"), "w").close()
+        raise OSError("disk full")
+    monkeypatch.setattr(huggingface, "write_hf_folder", broken)
+    with pytest.raises(OSError):
+        export.export(gqa_checkpoint, "hf", str(out), force=True)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["hf", "random.pt"]  # no temporary folder left
+
+
 def test_different_tokenizer_bin_beside_output_needs_force(gqa_checkpoint, tmp_path, capsys):
     (tmp_path / "tiny.bin").write_bytes(b"someone else's tokenizer")
     out = tmp_path / "model.bin"
