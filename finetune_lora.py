@@ -19,8 +19,8 @@ import os
 import sys
 
 import train
-from checkpoint import (CheckpointError, base_reference, checkpoint_sha256, find_base_checkpoint, load_checkpoint,
-                        save_checkpoint)
+from checkpoints import (CheckpointError, base_reference, checkpoint_sha256, find_base_checkpoint, load_checkpoint,
+                         save_checkpoint)
 from cli import UsageError, run_main
 from lora import apply_lora, lora_state_dict, merged_state_dict, parse_targets
 from model import Transformer

@@ -14,7 +14,7 @@ import time
 import torch
 
 import decode_package
-from checkpoint import load_model, load_tokenizer_for
+from checkpoints import load_model, load_tokenizer_for
 from cli import (DTYPE_NAMES, OneLineParser, ToolError, UsageError, check_device, default_device, report_error,
                  run_main, torch_dtype)
 from prompts import PROMPT_ENCODINGS, build_prompt, override_prompt_format, prompt_ids

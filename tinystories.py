@@ -259,7 +259,7 @@ def model_file_url(remote, base_url=None):
 
 def check_published_model(path, name, shape):
     """The loader reads it, and its shape is the published one (else DataError: a wrong file)."""
-    from checkpoint import CheckpointError, load_checkpoint
+    from checkpoints import CheckpointError, load_checkpoint
     try:
         args = load_checkpoint(path).model_args
     except CheckpointError as exc:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
-from checkpoint import load_checkpoint, model_args_dict, save_checkpoint
+from checkpoints import load_checkpoint, model_args_dict, save_checkpoint
 from cli import (DTYPE_NAMES, ToolError, UsageError, atomic_write, bf16_supported, check_device, check_output,
                  default_device, lock_folder, remove_stale_temp_files, report_error, run_main, torch_dtype)
 from data_paths import vocab_source

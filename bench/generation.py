@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import decode_package  # noqa: E402
 import model as model_module  # noqa: E402  (its COMPILE_OPTIONS are varied by --levers)
 from model import ModelArgs, Transformer  # noqa: E402
-from export import write_llama2c_q8, write_llama2c_v0  # noqa: E402
+from checkpoints.llama2c import write_llama2c_q8, write_llama2c_v0  # noqa: E402
 from quantize import quantize_int8  # noqa: E402
 
 SHAPES = {"15M": dict(dim=288, n_layers=6, n_heads=6, hidden_dim=768, max_seq_len=256),

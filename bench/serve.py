@@ -37,7 +37,7 @@ DEMO_SHAPE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, multiple_of=32, 
 
 def demo_shaped_model(folder):
     import torch
-    from checkpoint import save_checkpoint
+    from checkpoints import save_checkpoint
     from model import ModelArgs, Transformer
     data = os.path.join(folder, "data")
     subprocess.run(["make", "--no-print-directory", "-C", ROOT, "demo-data", f"PY={sys.executable}",

@@ -7,7 +7,9 @@ import re
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from checkpoints import (CheckpointError, base_reference, checkpoint_sha256, load_checkpoint, load_model,
+                         model_args_dict, save_checkpoint)
+from lora import apply_lora, lora_state_dict, merged_state_dict
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
@@ -342,3 +344,85 @@ def test_shipped_test_data_is_what_its_sources_say(shared_data):
             with open(os.path.join(shared_data, name), "rb") as f:
                 assert hashlib.sha256(f.read()).hexdigest() == sums[name], name
     assert {"stories260K.pt", "stories260K.bin", "tok512.model", "tok512.bin"} <= set(sums)
+
+
+# ---- adapters and the base they name ----------------------------------------------------------
+
+def tiny_base(path, seed):
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, multiple_of=4, max_seq_len=8)
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    save_checkpoint(str(path), {"kind": "project", "model": model.state_dict(), "config": {},
+                                "model_args": model_args_dict(args)})
+    return model
+
+
+def save_adapter(path, base_path, base_model):
+    """An adapter for base_model (B filled so the merge changes wq), naming base_path as
+    finetune_lora.py does: relative and absolute path, and the base's sha256."""
+    adapted = Transformer(base_model.args)
+    adapted.load_state_dict(base_model.state_dict())
+    apply_lora(adapted, ["wq"], rank=2, alpha=2.0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if name.endswith("lora_b"):
+                p.fill_(0.01)
+    save_checkpoint(str(path), {"kind": "lora_adapter", "lora": lora_state_dict(adapted), "lora_alpha": 2.0,
+                                **base_reference(str(base_path), os.path.dirname(str(path))),
+                                "base_sha256": checkpoint_sha256(str(base_path)), "config": {}})
+    return merged_state_dict(adapted)
+
+
+def test_adapter_copied_beside_another_base_finds_its_own_by_the_absolute_path(tmp_path):
+    """adapter.pt names base.pt beside it; copied into a folder whose base.pt is another model,
+    the relative path names the wrong model, but the recorded absolute path still holds the right one."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    base = tiny_base(tmp_path / "run" / "base.pt", seed=1)
+    expected = save_adapter(tmp_path / "run" / "adapter.pt", tmp_path / "run" / "base.pt", base)
+    tiny_base(tmp_path / "elsewhere" / "base.pt", seed=2)
+    copied = tmp_path / "elsewhere" / "adapter.pt"
+    copied.write_bytes((tmp_path / "run" / "adapter.pt").read_bytes())
+    loaded = load_checkpoint(str(copied))
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded.state_dict[key], value)
+
+
+def test_adapter_whose_every_base_changed_is_refused(tmp_path):
+    base = tiny_base(tmp_path / "base.pt", seed=1)
+    save_adapter(tmp_path / "adapter.pt", tmp_path / "base.pt", base)
+    tiny_base(tmp_path / "base.pt", seed=2)
+    with pytest.raises(CheckpointError, match="sha256 differs") as info:
+        load_checkpoint(str(tmp_path / "adapter.pt"))
+    assert_one_line_error(tmp_path / "adapter.pt", info)
+
+
+def test_a_folder_bases_hash_covers_its_model_files_only(shared_data, tmp_path):
+    """A Hugging Face folder used as a LoRA base is pinned by the hash of the files that make the
+    model; a .git/ folder or notes added beside them change nothing, a changed config does."""
+    import hashlib
+
+    import export
+    folder = tmp_path / "hf"
+    assert export.main([f"--checkpoint={shared_data}/stories260K.pt", "--format=hf", f"--out={folder}",
+                        f"--tokenizer={shared_data}/tok512.model"]) == 0
+    pinned = checkpoint_sha256(str(folder))
+    # the digest of a folder holding only the export's files is the one adapters saved before recorded
+    before = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        before.update(f"{name}\0{hashlib.sha256((folder / name).read_bytes()).hexdigest()}\n".encode())
+    assert pinned == before.hexdigest()
+    base, _ = load_model(str(folder))
+    expected = save_adapter(tmp_path / "adapter.pt", folder, base)
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "README.md").write_text("my notes\n")
+    assert checkpoint_sha256(str(folder)) == pinned
+    loaded = load_checkpoint(str(tmp_path / "adapter.pt"))
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded.state_dict[key], value)
+    with open(folder / "config.json", "a") as f:
+        f.write("\n")
+    assert checkpoint_sha256(str(folder)) != pinned
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_checkpoint(str(tmp_path / "adapter.pt"))

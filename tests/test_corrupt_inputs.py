@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dataset
-import export
-from checkpoint import CheckpointError, load_checkpoint, model_args_dict, save_checkpoint
+from checkpoints import CheckpointError, load_checkpoint, model_args_dict, save_checkpoint
+from checkpoints import huggingface, llama2c
 from cli import UsageError
 from lora import apply_lora, lora_state_dict
 from model import ModelArgs, Transformer
@@ -71,17 +71,17 @@ def write_every_format(folder):
             parametrized[key] = value
     files["storyteller.pt"] = os.path.join(folder, "storyteller.pt")
     torch.save({"model": parametrized, "model_args": model_args_dict(args), "lora_alpha": 1.0}, files["storyteller.pt"])
-    for name, write in (("v0.bin", export.write_llama2c_v0), ("v1.bin", export.write_llama2c_v1),
-                        ("v2.bin", export.write_llama2c_q8)):
+    for name, write in (("v0.bin", llama2c.write_llama2c_v0), ("v1.bin", llama2c.write_llama2c_v1),
+                        ("v2.bin", llama2c.write_llama2c_q8)):
         files[name] = os.path.join(folder, name)
         write(files[name], args, state)
     from safetensors.torch import save_file
     hf = os.path.join(folder, "hf")
     os.makedirs(hf)
-    save_file(export.hf_state_dict(args, state), os.path.join(hf, "model.safetensors"))
+    save_file(huggingface.hf_state_dict(args, state), os.path.join(hf, "model.safetensors"))
     with open(os.path.join(hf, "config.json"), "w") as f:
         plain = {"is_instruct": False, "prompt_encoding": None}
-        json.dump(export.hf_config(args, SimpleNamespace(bos_id=1, eos_id=2), plain), f)
+        json.dump(huggingface.hf_config(args, SimpleNamespace(bos_id=1, eos_id=2), plain), f)
     files["hf/model.safetensors"] = os.path.join(hf, "model.safetensors")
     return {name: (path, load_checkpoint(path if not name.startswith("hf/") else hf).state_dict)
             for name, path in files.items()}

@@ -312,7 +312,7 @@ def test_download_model_fetches_a_published_model_resumably_and_checks_it(tmp_pa
         assert (data_dir / os.path.basename(path)).read_bytes() == payload
     assert server.requests[1][0] == "bytes=100000-"  # resumed where the connection dropped
     assert sorted(os.listdir(data_dir)) == ["stories260K.pt", "tok512.model"]
-    from checkpoint import find_tokenizer, load_checkpoint
+    from checkpoints import find_tokenizer, load_checkpoint
     assert find_tokenizer(load_checkpoint(str(data_dir / "stories260K.pt"))) == str(data_dir / "tok512.model")
     n = len(server.requests)
     assert tinystories.main(["download_model", "stories260K", f"--base_url={server.base_url}",

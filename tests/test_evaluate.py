@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import demo_corpus
 import evaluate
-from checkpoint import load_model
+from checkpoints import load_model
 from evaluate import Request, score_story
 from tests.conftest import ROOT
 from tests.docs_reference import formats_section
@@ -152,7 +152,7 @@ def test_cli_report_and_errors(shared_data, tmp_path):
 def test_compare_scores_checkpoints_alike_side_by_side(shared_data, tmp_path):
     """--compare evaluates every checkpoint on the same prompts and prints one column each; the
     same model under two names scores the same, a different one differently."""
-    from checkpoint import load_checkpoint, save_checkpoint
+    from checkpoints import load_checkpoint, save_checkpoint
     base = load_checkpoint(f"{shared_data}/stories260K.pt")
     other = tmp_path / "other.pt"
     state = {k: v.clone() for k, v in base.state_dict.items()}
@@ -203,7 +203,7 @@ def test_a_word_in_both_lists_counts_for_the_role_asked_for():
 
 def test_compare_asks_every_model_the_same_token_sequences(shared_data, tmp_path, monkeypatch):
     """A plain base and its instruct fine-tune (story_words) are scored on the same prompt ids."""
-    from checkpoint import save_checkpoint
+    from checkpoints import save_checkpoint
     from model import Transformer
     base = os.path.join(shared_data, "stories260K.pt")
     obj = torch.load(base, weights_only=True)

@@ -13,8 +13,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must never reach for the Hub here
 
 import export  # noqa: E402
-from checkpoint import (CheckpointError, hf_permute_qk, hf_unpermute_qk, load_checkpoint,  # noqa: E402
-                        load_model, model_args_dict, save_checkpoint)
+from checkpoints import CheckpointError, load_checkpoint, load_model, model_args_dict, save_checkpoint  # noqa: E402
+from checkpoints import gguf_file, huggingface, llama2c  # noqa: E402
+from checkpoints.huggingface import hf_permute_qk, hf_unpermute_qk  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -178,7 +179,7 @@ def test_q8_round_trip_gqa(gqa_checkpoint, tmp_path):
 
 
 def test_q8_all_zero_group_stays_zero():
-    q, scale = export.quantize_q8_0(torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -2.0, 0.5, 0.0]]), 4)
+    q, scale = llama2c.quantize_q8_0(torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -2.0, 0.5, 0.0]]), 4)
     assert scale.tolist()[0] == 0 and q[0].tolist() == [0, 0, 0, 0]
     assert q[1].tolist() == [64, -127, 32, 0] and scale[1].item() == pytest.approx(2 / 127)
 
@@ -381,7 +382,7 @@ def check_gguf_file(path, source, tokenizer):
     assert [types[i] == 6 for i in range(sp.get_piece_size())] == [sp.is_byte(i) for i in range(sp.get_piece_size())]
     # every tensor, by llama.cpp's name, equal to the source; q/k NOT permuted
     tensors = {t.name: t for t in reader.tensors}
-    names = export.gguf_key_map(args.n_layers)
+    names = gguf_file.gguf_key_map(args.n_layers)
     assert set(tensors) == set(names.values())  # tied: no output.weight
     for ours, theirs in names.items():
         tensor = tensors[theirs]
@@ -476,10 +477,50 @@ def test_failed_hf_export_leaves_nothing(gqa_checkpoint, tmp_path, monkeypatch):
     def broken(folder, *args):
         open(os.path.join(folder, "config.json"), "w").close()
         raise OSError("disk full")
-    monkeypatch.setattr(export, "write_hf_folder", broken)
+    monkeypatch.setattr(huggingface, "write_hf_folder", broken)
     with pytest.raises(OSError):
         export.export(gqa_checkpoint, "hf", str(tmp_path / "hf"))
     assert sorted(os.listdir(tmp_path)) == ["random.pt"]
+
+
+def test_failed_llama2c_write_keeps_the_old_model_and_its_prompt_format(gqa_checkpoint, tmp_path, monkeypatch):
+    """Exporting over an earlier .bin: a write that fails leaves the old .bin and the old sidecar
+    (not the old model beside the new model's prompt format)."""
+    out = tmp_path / "model.bin"
+    assert run_export(f"--checkpoint={gqa_checkpoint}", "--format=llama2c-v0", f"--out={out}") == 0
+    old_model, old_sidecar = out.read_bytes(), (tmp_path / "model.bin.json").read_bytes()
+    raw = torch.load(gqa_checkpoint, weights_only=True)
+    raw["config"]["dataset"] = "instruct"  # another prompt format: the sidecar would change
+    instruct = tmp_path / "instruct.pt"
+    torch.save(raw, instruct)
+
+    def disk_full(path, args, state):
+        with open(path, "wb") as f:
+            f.write(b"half a model")
+        raise OSError("No space left on device")
+    monkeypatch.setitem(export.LLAMA2C_WRITERS, "llama2c-v0", disk_full)
+    assert run_export(f"--checkpoint={instruct}", "--format=llama2c-v0", f"--out={out}", "--force") == 1
+    assert out.read_bytes() == old_model
+    assert (tmp_path / "model.bin.json").read_bytes() == old_sidecar
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no temp files left
+
+
+def test_failed_hf_export_into_a_folder_changes_nothing_there(gqa_checkpoint, tmp_path, monkeypatch):
+    """What export.py promises for an existing folder: the new files are written aside first, so a
+    failed write leaves the old export (and the user's files) as they were."""
+    out = tmp_path / "hf"
+    assert run_export(f"--checkpoint={gqa_checkpoint}", "--format=hf", f"--out={out}") == 0
+    (out / "notes.txt").write_text("mine")
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+    def broken(folder, *args):
+        open(os.path.join(folder, "config.json"), "w").close()
+        raise OSError("disk full")
+    monkeypatch.setattr(huggingface, "write_hf_folder", broken)
+    with pytest.raises(OSError):
+        export.export(gqa_checkpoint, "hf", str(out), force=True)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["hf", "random.pt"]  # no temporary folder left
 
 
 def test_different_tokenizer_bin_beside_output_needs_force(gqa_checkpoint, tmp_path, capsys):

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 import decode_package
 import generate
-from checkpoint import load_model
+from checkpoints import load_model
 from docs_reference import greedy_story
 from model import ModelArgs, Transformer
 from evaluate import Request, run_requests

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import metrics
 import train
-from checkpoint import load_checkpoint
+from checkpoints import load_checkpoint
 from test_train import ROOT, free_port, step_losses, tiny_config, write_pretrain_shards
 
 

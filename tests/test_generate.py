@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import generate
-from checkpoint import save_checkpoint
+from checkpoints import save_checkpoint
 from docs_reference import ROOT, greedy_story, readme_prompt
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer

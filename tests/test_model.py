@@ -84,7 +84,7 @@ def test_loss_ignores_minus_one_targets():
 @pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "no_cache"])
 @pytest.mark.parametrize("filename", ["stories260K.pt", "stories260K.bin"])
 def test_stories260K_greedy_reproduces_llama2c(shared_data, filename, use_cache):
-    from checkpoint import load_model
+    from checkpoints import load_model
     from tokenizer import Tokenizer
     expected = greedy_story()
     model, _ = load_model(os.path.join(shared_data, filename))

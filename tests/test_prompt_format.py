@@ -9,7 +9,7 @@ import torch
 import evaluate
 import export
 import generate
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from model import Transformer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from checkpoint import save_checkpoint
+from checkpoints import save_checkpoint
 from docs_reference import greedy_story
 from model import ModelArgs, Transformer
 from tests.conftest import ROOT, TEST_DATA

@@ -12,7 +12,7 @@ import torch
 import cli
 import dataset
 import train
-from checkpoint import load_checkpoint, load_model
+from checkpoints import load_checkpoint, load_model
 from model import ModelArgs, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
