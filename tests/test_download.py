@@ -13,6 +13,7 @@ import pytest
 
 import cli
 import demo_corpus
+import download
 import tinystories
 
 ARCHIVE_PATH = "/TinyStories_all_data.tar.gz"
@@ -165,7 +166,7 @@ def test_dropped_connection_resumes_with_range(tmp_path, serve, demo_archive):
     server = serve(archive, drop_first_after=cut)
     dest = tmp_path / "a.tar.gz"
     delays = []
-    tinystories.download_file(server.url, str(dest), backoff_s=0.01, sleep=delays.append)
+    download.download_file(server.url, str(dest), backoff_s=0.01, sleep=delays.append)
     assert dest.read_bytes() == archive
     assert server.requests[0] == (None, 200)
     assert server.requests[1] == (f"bytes={cut}-", 206)  # asked only for the missing bytes
@@ -177,7 +178,7 @@ def test_partial_file_from_an_earlier_run_is_resumed(tmp_path, serve, demo_archi
     server = serve(archive)
     dest = tmp_path / "a.tar.gz"
     (tmp_path / "a.tar.gz.part").write_bytes(archive[:100])
-    tinystories.download_file(server.url, str(dest), backoff_s=0)
+    download.download_file(server.url, str(dest), backoff_s=0)
     assert dest.read_bytes() == archive
     assert server.requests == [("bytes=100-", 206)]
 
@@ -187,7 +188,7 @@ def test_503_twice_then_success_backs_off_exponentially(tmp_path, serve, demo_ar
     server = serve(archive, fail_first=2, fail_status=503)
     dest = tmp_path / "a.tar.gz"
     delays = []
-    tinystories.download_file(server.url, str(dest), backoff_s=0.5, sleep=delays.append)
+    download.download_file(server.url, str(dest), backoff_s=0.5, sleep=delays.append)
     assert dest.read_bytes() == archive
     assert [status for _, status in server.requests] == [503, 503, 200]
     assert delays == [0.5, 1.0]
@@ -198,7 +199,7 @@ def test_server_ignoring_range_starts_over_with_correct_bytes(tmp_path, serve, d
     cut = len(archive) // 2
     server = serve(archive, drop_first_after=cut, honour_range=False)
     dest = tmp_path / "a.tar.gz"
-    tinystories.download_file(server.url, str(dest), backoff_s=0, sleep=lambda s: None)
+    download.download_file(server.url, str(dest), backoff_s=0, sleep=lambda s: None)
     assert dest.read_bytes() == archive  # not the first half followed by the whole file again
     assert server.requests == [(None, 200), (f"bytes={cut}-", 200)]
 
@@ -276,7 +277,7 @@ def test_unsafe_members_are_refused_by_name(tmp_path, kind, name, linkname):
                                      (info, b"x" if kind == "file" else None)]))
     target = tmp_path / "out" / "TinyStories_all_data"
     with pytest.raises(cli.DataError, match=re.escape(repr(name))):
-        tinystories.unpack_archive(str(archive), str(target))
+        download.unpack_archive(str(archive), str(target))
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
@@ -286,7 +287,7 @@ def test_symlink_inside_the_target_is_allowed(tmp_path):
     archive = tmp_path / "a.tar.gz"
     archive.write_bytes(make_tar_gz([(tarfile.TarInfo("data00.json"), b"[]"), (link, None)]))
     target = tmp_path / "TinyStories_all_data"
-    tinystories.unpack_archive(str(archive), str(target))
+    download.unpack_archive(str(archive), str(target))
     assert (target / "alias.json").read_bytes() == b"[]"
 
 
