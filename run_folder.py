@@ -39,6 +39,12 @@ def check_out_dir(cfg):
                       f"into another out_dir, or pass --force to start over (replaces only the run's own files)")
 
 
+def claim_out_dir(cfg):
+    """check_out_dir, then lock_out_dir: the returned lock is the run's until it closes it."""
+    check_out_dir(cfg)
+    return lock_out_dir(cfg["out_dir"])
+
+
 def lock_out_dir(out_dir):
     """Hold out_dir/.lock for the run's life (cli.lock_folder: a second run on the same out_dir is
     refused in one line, a crashed run never leaves it stuck); then, under the lock, remove the

@@ -6,10 +6,10 @@
 
 Settings: DEFAULTS below, then each config file named (Python `key = value` lines), then
 --key=value flags; names and types are checked. finetune_lora.py runs this same loop (train()
-with its own recipe). The data comes through dataset.py. out_dir gets last.pt (written at every
-evaluation, at the end and on Ctrl-C: what --init_from=resume continues), best.pt (lowest val
-loss) and ckpt.pt (= best.pt, llama2.c's name: point generate.py at it), metrics.jsonl and
-loss.png.
+with its own recipe). The data comes through dataset.py, torchrun's processes through
+distributed.py. out_dir (run_folder.py) gets last.pt (written at every evaluation, at the end and
+on Ctrl-C: what --init_from=resume continues), best.pt (lowest val loss) and ckpt.pt (= best.pt,
+llama2.c's name: point generate.py at it), metrics.jsonl and loss.png (metrics.py).
 """
 import inspect
 import math
@@ -32,8 +32,8 @@ from distributed import (Processes, end_processes, gradient_sync, launched_rank,
 from metrics import MetricsLog, estimate_mfu, peak_flops, plot_losses
 from model import ModelArgs, Transformer
 from prompts import RequestFinder
-from run_folder import (check_out_dir, last_checkpoint, last_good, load_resume_point, lock_out_dir,
-                        remove_previous_run, removed_if_left_empty, save_best)
+from run_folder import (claim_out_dir, last_checkpoint, last_good, load_resume_point, remove_previous_run,
+                        removed_if_left_empty, save_best)
 from stop_request import StopRequest
 from tokenizer import Tokenizer
 
@@ -312,9 +312,7 @@ def train(config, recipe=None) -> dict:
     procs = start_processes(cfg)
     accum = micro_batches_per_process(cfg, procs)
     out_dir = cfg["out_dir"]
-    if procs.master:
-        check_out_dir(cfg)
-    lock = lock_out_dir(out_dir) if procs.master else None
+    lock = claim_out_dir(cfg) if procs.master else None
     if cfg["deterministic"]:
         torch.use_deterministic_algorithms(True)
     resume = load_resume_point(out_dir) if cfg["init_from"] == "resume" else None
