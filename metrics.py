@@ -1,6 +1,6 @@
 """What a training run records: metrics.jsonl (one JSON object a line: a row per logged step,
-and a row with "eval": true per evaluation), loss.png drawn from it, and the peak FLOP/s that
-the MFU it logs is measured against."""
+and a row with "eval": true per evaluation), loss.png drawn from it, and the MFU it logs: the
+model's training FLOPs per token, and the peak FLOP/s they are measured against."""
 import json
 import os
 import time
@@ -82,6 +82,19 @@ def plot_losses(out_dir):
     ax.grid(alpha=0.3)
     atomic_write(os.path.join(out_dir, "loss.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def flops_per_token(model, seq_len=None) -> float:
+    """Training FLOPs per token: 6 per parameter plus attention over seq_len positions (the
+    length actually trained on; default the model's max_seq_len) (PaLM appendix B)."""
+    a = model.args
+    n_params = sum(p.numel() for p in model.parameters())
+    return 6 * n_params + 12 * a.n_layers * a.n_heads * a.head_dim * (seq_len or a.max_seq_len)
+
+
+def estimate_mfu(model, tokens_per_s: float, peak_flops: float, seq_len=None) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s over the hardware peak."""
+    return flops_per_token(model, seq_len) * tokens_per_s / peak_flops
 
 
 def peak_flops(cfg, device_type) -> (float, str):

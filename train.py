@@ -6,34 +6,35 @@
 
 Settings: DEFAULTS below, then each config file named (Python `key = value` lines), then
 --key=value flags; names and types are checked. finetune_lora.py runs this same loop (train()
-with its own recipe). The data comes through dataset.py. out_dir gets last.pt (written at every
-evaluation, at the end and on Ctrl-C: what --init_from=resume continues), best.pt (lowest val
-loss) and ckpt.pt (= best.pt, llama2.c's name: point generate.py at it), metrics.jsonl and
-loss.png.
+with its own recipe). The data comes through dataset.py, torchrun's processes through
+distributed.py. out_dir (run_folder.py) gets last.pt (written at every evaluation, at the end and
+on Ctrl-C: what --init_from=resume continues), best.pt (lowest val loss) and ckpt.pt (= best.pt,
+llama2.c's name: point generate.py at it), metrics.jsonl and loss.png (metrics.py).
 """
+import inspect
 import math
-import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 from checkpoints import load_checkpoint, model_args_dict, save_checkpoint
-from cli import (DTYPE_NAMES, ToolError, UsageError, atomic_write, bf16_supported, check_device, check_output,
-                 default_device, lock_folder, remove_stale_temp_files, report_error, run_main, torch_dtype)
+from cli import (DTYPE_NAMES, ToolError, UsageError, bf16_supported, check_device, default_device, report_error,
+                 run_main, torch_dtype)
 from data_paths import vocab_source
 from dataset import BatchSampler, data_prompt_format, default_tokenizer, fixed_batches, open_dataset
-from metrics import MetricsLog, peak_flops, plot_losses
+from distributed import (Processes, end_processes, gradient_sync, launched_rank, start_processes, sum_over_processes,
+                         wrap_for_ddp)
+from metrics import MetricsLog, estimate_mfu, peak_flops, plot_losses
 from model import ModelArgs, Transformer
 from prompts import RequestFinder
+from run_folder import (claim_out_dir, last_checkpoint, last_good, load_resume_point, remove_previous_run,
+                        removed_if_left_empty, save_best)
+from stop_request import StopRequest
 from tokenizer import Tokenizer
 
 DEFAULTS = dict(
@@ -72,9 +73,6 @@ DEFAULTS = dict(
     deterministic=False,  # torch.use_deterministic_algorithms: bitwise-repeatable GPU runs (slower; CUDA
                           # needs CUBLAS_WORKSPACE_CONFIG=:4096:8); bench/gpu_check.sh uses it
 )
-# what a run writes in out_dir (lock_out_dir removes their temporaries that a killed run left)
-TRAINING_OUTPUTS = ("last.pt", "best.pt", "ckpt.pt", "adapter.pt", "metrics.jsonl", "loss.png")
-RUN_CHECKPOINTS = ("last.pt", "best.pt", "ckpt.pt", "adapter.pt")  # an out_dir holding one holds a run
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_size")
 CHOICES = {"dataset": ("pretrain", "instruct"), "vocab_source": ("llama2", "custom"), "dtype": DTYPE_NAMES}
 
@@ -102,6 +100,15 @@ def check_values(cfg):
     check_device(cfg["device"])
     if cfg["dtype"] == "bfloat16" and not bf16_supported():
         raise UsageError("dtype=bfloat16: not supported on this hardware (use float32 or float16)")
+
+
+def note_ignored_shape(cfg, args, source):
+    """A checkpoint's shape wins over shape settings; name those set to something else on stderr."""
+    ignored = [f"{k}={cfg[k]}" for k in SHAPE_KEYS if cfg[k] != DEFAULTS[k] and cfg[k] != getattr(args, k)]
+    if ignored:
+        kept = ", ".join(f"{k}={getattr(args, k)}" for k in SHAPE_KEYS)
+        print(f"note: {', '.join(ignored)} ignored: the model from {source} keeps its shape ({kept})",
+              file=sys.stderr)
 
 
 def get_lr(it, cfg):
@@ -152,43 +159,51 @@ class FullTraining:
         return 1.0
 
 
-# ---- processes, data, resume and checkpoints ---------------------------------------------------
-
-@dataclass
-class Processes:
-    """This process's place in a torchrun job (a plain run is rank 0 of 1)."""
-    ddp: bool = False
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def start_processes(cfg) -> Processes:
-    """Join the torchrun job, if there is one (RANK is set), and take this process's device."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return Processes(device=training_device(cfg["device"]))
-    dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo")
-    procs = Processes(True, dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
-    if cfg["device"].startswith("cuda"):
-        cfg["device"] = f"cuda:{procs.local_rank}"
-        torch.cuda.set_device(cfg["device"])
-    else:  # share the cores out: oversubscribed gloo processes crawl
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", procs.world))))
-    procs.device = training_device(cfg["device"])
-    return procs
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, lr_scale_of=None):
+    """AdamW over the model's trained parameters; matrices decay, vectors do not. lr_scale_of(name)
+    gives a parameter a learning rate that many times the schedule's (train_step applies each
+    group's lr_scale)."""
+    # (lr scale, decays) -> params; the two unscaled groups always exist, first, so optimizer states
+    # saved before lr_scale still load
+    by_kind = {(1.0, True): [], (1.0, False): []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            by_kind.setdefault((lr_scale_of(name) if lr_scale_of else 1.0, p.dim() >= 2), []).append(p)
+    groups = [{"params": params, "weight_decay": weight_decay if decays else 0.0, **({"lr_scale": s} if s != 1.0 else {})}
+              for (s, decays), params in by_kind.items()]
+    # fused AdamW exists for CUDA and, since PyTorch 2.4, for CPUs (3x faster steps there)
+    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
 
-def training_device(name) -> torch.device:
-    """The device with its index, as the tensors made on it report it ("cuda" -> "cuda:0")."""
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+# ---- data, resume and the run's state --------------------------------------------------------
+
+def micro_batches_per_process(cfg, procs) -> int:
+    """gradient_accumulation_steps is the whole job's; each process takes its share."""
+    if cfg["gradient_accumulation_steps"] % procs.world:
+        raise UsageError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be "
+                         f"divisible by the {procs.world} processes (llama2.c splits it between them)")
+    return cfg["gradient_accumulation_steps"] // procs.world
+
+
+def device_type_of(cfg) -> str:
+    return "cuda" if cfg["device"].startswith("cuda") else "cpu"
+
+
+def mixed_precision(cfg):
+    """The autocast context of the forward passes (none for float32)."""
+    if cfg["dtype"] == "float32":
+        return nullcontext()
+    return torch.autocast(device_type_of(cfg), dtype=torch_dtype(cfg["dtype"]))
+
+
+def build_model(cfg, recipe, resume):
+    """The recipe's model, with the same initial weights in every process."""
+    torch.manual_seed(cfg["seed"])
+    model = recipe.build(cfg, resume)
+    if cfg["init_from"] != "scratch":
+        note_ignored_shape(cfg, model.args, last_checkpoint(cfg["out_dir"]) if resume else cfg["init_from"])
+    return model
 
 
 def open_training_data(cfg, args: ModelArgs):
@@ -211,10 +226,42 @@ def open_training_data(cfg, args: ModelArgs):
     return train_data, val_data
 
 
-def load_resume_point(last_path):
-    if not os.path.isfile(last_path):
-        raise UsageError(f"init_from=resume: {last_path} does not exist (train first, or fix out_dir)")
-    return load_checkpoint(last_path)
+@dataclass
+class Run:
+    """One training job's state: what the loop advances and what last.pt records."""
+    cfg: dict
+    recipe: FullTraining
+    procs: Processes
+    model: Transformer
+    train_model: torch.nn.Module  # what the steps call: the model, compiled and/or wrapped for DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: BatchSampler
+    train_data: object
+    eval_sets: dict  # split -> (data, its fixed evaluation batches)
+    accum: int  # micro-batches per iteration in this process
+    autocast: object
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+
+
+def start_run(cfg, recipe, procs, model, resume, accum) -> Run:
+    """The model on its device with its optimizer, loss scaler, data order and evaluation batches:
+    new, or as last.pt left them."""
+    device_type = device_type_of(cfg)
+    train_data, val_data = open_training_data(cfg, model.args)
+    model.to(cfg["device"])
+    optimizer = configure_optimizers(model, cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                                     device_type, lambda name: recipe.lr_scale(name, cfg))
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg["dtype"] == "float16")
+    sampler = BatchSampler(train_data, cfg["batch_size"], accum, procs.world, procs.rank, cfg["seed"],
+                           cfg["group_by_length"])
+    eval_sets = {"train": (train_data, fixed_batches(train_data, cfg["eval_iters"], cfg["batch_size"], cfg["seed"] + 1)),
+                 "val": (val_data, fixed_batches(val_data, cfg["eval_iters"], cfg["batch_size"], cfg["seed"] + 2))}
+    iter_num, best_val_loss = restore_state(resume, optimizer, scaler, sampler) if resume else (0, float("inf"))
+    train_model = wrap_for_ddp(torch.compile(model) if cfg["compile"] else model, procs, device_type)
+    return Run(cfg, recipe, procs, model, train_model, optimizer, scaler, sampler, train_data, eval_sets, accum,
+               mixed_precision(cfg), iter_num, best_val_loss)
 
 
 def restore_state(resume, optimizer, scaler, sampler):
@@ -226,6 +273,28 @@ def restore_state(resume, optimizer, scaler, sampler):
     return resume.extra["iter_num"], resume.extra["best_val_loss"]
 
 
+def announce(run, peak, peak_source):
+    cfg, model = run.cfg, run.model
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{run.recipe.name}: {sum(p.numel() for p in model.parameters()):,} parameters "
+          f"({trained:,} trained), {cfg['dataset']} data from {run.train_data.folder}, up to "
+          f"{cfg['batch_size'] * cfg['gradient_accumulation_steps'] * run.train_data.seq_len:,} tokens/iter, "
+          f"{run.procs.world} process(es), {cfg['device']} {cfg['dtype']}{' compiled' if cfg['compile'] else ''}; "
+          f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+
+
+def save_last(run, loader_state, evaluated):
+    """last.pt: everything a resume needs to repeat the run from iter_num on, and whether
+    iter_num's evaluation already ran (a Ctrl-C save can land on an eval boundary before it)."""
+    last_path, model = last_checkpoint(run.cfg["out_dir"]), run.model
+    save_checkpoint(last_path, {
+        "kind": "project", **run.recipe.checkpoint_weights(model), "model_args": model_args_dict(model.args),
+        "config": run.cfg, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+        "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "loader_state": loader_state,
+        "evaluated": evaluated})
+    run.recipe.after_save(model, run.cfg, last_path, False)
+
+
 def seed_iteration(cfg, procs, iter_num):
     """Seed every generator (CPU and GPU) from (seed, rank, iteration) before each step: dropout
     then draws the same numbers in a resumed run as in an uninterrupted one, on every rank and
@@ -233,78 +302,75 @@ def seed_iteration(cfg, procs, iter_num):
     torch.manual_seed((cfg["seed"] * 1_000_003 + iter_num) * 1_009 + procs.rank)
 
 
-def all_reduce(tensor, procs, op=dist.ReduceOp.SUM):
-    """dist.all_reduce for a tensor on this process's training device: NCCL takes nothing else,
-    so the check runs under gloo too and CPU tests catch a misplaced tensor."""
-    if tensor.device != procs.device:
-        raise RuntimeError(f"all_reduce of a tensor on {tensor.device}; the training device is {procs.device}")
-    dist.all_reduce(tensor, op=op)
-    return tensor
+# ---- the loop ----------------------------------------------------------------------------------
 
+def train(config, recipe=None) -> dict:
+    """Run one training job; returns {"iter_num", "best_val_loss", "last_loss"}. recipe says what
+    trains and what checkpoints hold (FullTraining by default)."""
+    recipe, cfg = recipe or FullTraining(), dict(config)
+    check_values(cfg)
+    procs = start_processes(cfg)
+    accum = micro_batches_per_process(cfg, procs)
+    out_dir = cfg["out_dir"]
+    lock = claim_out_dir(cfg) if procs.master else None
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    resume = load_resume_point(out_dir) if cfg["init_from"] == "resume" else None
+    model = build_model(cfg, recipe, resume)
+    if procs.master and cfg["force"] and not resume:
+        remove_previous_run(out_dir)
+    run = start_run(cfg, recipe, procs, model, resume, accum)
+    peak, peak_source = peak_flops(cfg, device_type_of(cfg))
+    if procs.master:
+        announce(run, peak, peak_source)
+    metrics = MetricsLog(out_dir, resume_from=run.iter_num if resume else None, enabled=procs.master)
 
-class StopRequest:
-    """The first Ctrl-C (SIGINT) only asks the loop to stop after the iteration it is in, so the
-    checkpoint it then writes never holds a step whose iteration was not counted; a second
-    Ctrl-C interrupts at once, except while a step is applied and counted (applying). Under
-    torchrun a second SIGINT is torchrun forwarding the same Ctrl-C to its workers: it changes
-    nothing, so every process still stops after the same step (torchrun kills what lingers)."""
-
-    def __init__(self, ddp=False):
-        self.requested, self.ddp, self.applying = False, ddp, False
-        self.previous = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self.handle)
-        else:  # signal handlers live in the main thread only
-            self.previous = None
-
-    def handle(self, signum, frame):
-        if self.requested and not self.ddp and not self.applying:
-            raise KeyboardInterrupt
-        self.requested = True  # while applying: the loop stops as soon as the step is counted
-
-    def close(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def check_out_dir(cfg):
-    """cli.check_output's rule for out_dir, before any work: a folder holding a run is continued
-    (init_from=resume) or kept; only force starts a new run there, and replaces only the run's
-    own files (TRAINING_OUTPUTS). A file, or a place that cannot be written, is refused."""
-    out_dir, resuming = cfg["out_dir"], cfg["init_from"] == "resume"
-    held = [name for name in RUN_CHECKPOINTS if os.path.isfile(os.path.join(out_dir, name))]
-    source = cfg["init_from"] if os.path.isfile(cfg["init_from"]) else None
-    if cfg["force"] and source and any(os.path.samefile(source, os.path.join(out_dir, name)) for name in held):
-        raise UsageError(f"init_from={source}: is one of the files --force would replace in out_dir={out_dir}; "
-                         f"copy it elsewhere first, or train into another out_dir")
-    check_output(out_dir, f"out_dir={out_dir}", cfg["force"], ours=lambda path: resuming or not held, folder=True,
-                 hint=f"it holds a training run ({', '.join(held)}): continue it with --init_from=resume, train "
-                      f"into another out_dir, or pass --force to start over (replaces only the run's own files)")
-
-
-def remove_previous_run(out_dir):
-    """force: the run being replaced leaves none of its files to be mistaken for the new run's."""
-    for name in TRAINING_OUTPUTS:
-        if os.path.isfile(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-
-
-def note_ignored_shape(cfg, args, source):
-    """A checkpoint's shape wins over shape settings; name those set to something else on stderr."""
-    ignored = [f"{k}={cfg[k]}" for k in SHAPE_KEYS if cfg[k] != DEFAULTS[k] and cfg[k] != getattr(args, k)]
-    if ignored:
-        kept = ", ".join(f"{k}={getattr(args, k)}" for k in SHAPE_KEYS)
-        print(f"note: {', '.join(ignored)} ignored: the model from {source} keeps its shape ({kept})",
-              file=sys.stderr)
-
-
-def lock_out_dir(out_dir):
-    """Hold out_dir/.lock for the run's life (cli.lock_folder: a second run on the same out_dir is
-    refused in one line, a crashed run never leaves it stuck); then, under the lock, remove the
-    temporary files a killed run left behind."""
-    lock = lock_folder(out_dir, "training run")
-    remove_stale_temp_files(out_dir, TRAINING_OUTPUTS)
-    return lock
+    from tqdm import tqdm
+    bar = tqdm(total=cfg["max_iters"], initial=run.iter_num, disable=not procs.master, dynamic_ncols=True, leave=False)
+    stop = StopRequest(procs.ddp)
+    start_iter, last_loss, t_start = run.iter_num, float("nan"), time.time()
+    # a last.pt from before the record does not say: evaluate again rather than maybe never
+    evaluated_iter = run.iter_num if resume and resume.extra.get("evaluated", False) else None
+    try:
+        while True:
+            loader_state = run.sampler.get_state()  # where this iteration's rows come from
+            due = run.iter_num % cfg["eval_interval"] == 0 or run.iter_num == cfg["max_iters"]
+            if due and evaluated_iter != run.iter_num:
+                evaluate_and_save(run, loader_state, metrics, bar)
+                evaluated_iter = run.iter_num
+            if run.iter_num >= cfg["max_iters"]:
+                break
+            t0, lr = time.time(), get_lr(run.iter_num, cfg)
+            seed_iteration(cfg, procs, run.iter_num)
+            last_loss, iter_tokens, seq_len, stop_now = train_step(run, lr, stop)
+            apply_step(run, last_loss, stop)
+            bar.update(1)
+            if run.iter_num % cfg["log_interval"] == 0 or run.iter_num == cfg["max_iters"]:
+                log_step(run, metrics, bar, last_loss, lr, iter_tokens, seq_len, time.time() - t0, peak)
+            # Ctrl-C during the iteration: it is complete and counted now. Under DDP the request
+            # travels with the step's all_reduce, so that every process stops after the same step
+            if stop_now or (stop.requested and not procs.ddp):
+                loader_state = run.sampler.get_state()
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if procs.master:  # the state at the start of iteration iter_num: resume repeats it exactly
+            save_last(run, loader_state, evaluated=evaluated_iter == run.iter_num)
+            bar.write(f"interrupted at iter {run.iter_num}: saved {last_checkpoint(out_dir)} "
+                      f"(continue with --init_from=resume)")
+        raise
+    finally:
+        stop.close()
+        bar.close()
+        metrics.close()
+        if lock:
+            lock.close()
+        end_processes(procs)
+    if procs.master:
+        plot_losses(out_dir)
+        print(f"done: {run.iter_num - start_iter} iters in {time.time() - t_start:.1f}s, last train loss "
+              f"{last_loss:.4f}, best val loss {run.best_val_loss:.4f}; {out_dir}/ckpt.pt (= best.pt) for "
+              f"generate.py, last.pt to resume")
+    return {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "last_loss": last_loss}
 
 
 @torch.no_grad()
@@ -320,195 +386,76 @@ def estimate_losses(model, eval_sets, cfg, procs, autocast) -> dict:
                 with autocast:
                     loss = model(x, y)[1]
                 total += torch.stack([loss.detach().float(), torch.ones((), device=procs.device)])
-        if procs.ddp:
-            all_reduce(total, procs)
-        loss_sum, count = total.tolist()
+        loss_sum, count = sum_over_processes(total, procs).tolist()
         losses[split] = loss_sum / count
     model.train()
     return losses
 
 
-def link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:  # filesystems without hard links
-        shutil.copyfile(src, dst)
+def evaluate_and_save(run, loader_state, metrics, bar):
+    """The evaluation due at iter_num: logged, then (master) last.pt, and best.pt when it is the best."""
+    cfg, iter_num, t0 = run.cfg, run.iter_num, time.time()
+    losses = estimate_losses(run.model, run.eval_sets, cfg, run.procs, run.autocast)
+    if not all(map(math.isfinite, losses.values())):
+        raise TrainingError(f"evaluation loss is {losses['val']} at iter {iter_num}: stopped; "
+                            f"the last good checkpoint is {last_good(cfg['out_dir'])}")
+    eval_tokens = 2 * cfg["eval_iters"] * cfg["batch_size"] * run.train_data.seq_len
+    metrics.write({"iter": iter_num, "loss": losses["val"], "lr": get_lr(iter_num, cfg), "eval": True,
+                   "tokens_per_s": eval_tokens / (time.time() - t0),
+                   "train_loss": losses["train"], "val_loss": losses["val"]})
+    if run.procs.master:
+        bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        is_best = losses["val"] < run.best_val_loss
+        run.best_val_loss = min(run.best_val_loss, losses["val"])
+        save_last(run, loader_state, evaluated=True)
+        if is_best:
+            run.recipe.after_save(run.model, cfg, save_best(cfg["out_dir"]), True)
 
 
-def save_best(out_dir, last_path):
-    """best.pt and ckpt.pt: two more names for last.pt's file (copies where links fail)."""
-    for name in ("best.pt", "ckpt.pt"):
-        atomic_write(os.path.join(out_dir, name), lambda tmp: link_or_copy(last_path, tmp))
-
-
-# ---- the loop ----------------------------------------------------------------------------------
-
-def train(config, recipe=None) -> dict:
-    """Run one training job; returns {"iter_num", "best_val_loss", "last_loss"}. recipe says what
-    trains and what checkpoints hold (FullTraining by default)."""
-    recipe, cfg = recipe or FullTraining(), dict(config)
-    check_values(cfg)
-    procs = start_processes(cfg)
-    if cfg["gradient_accumulation_steps"] % procs.world:
-        raise UsageError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be "
-                         f"divisible by the {procs.world} processes (llama2.c splits it between them)")
-    accum = cfg["gradient_accumulation_steps"] // procs.world
-    device_type = "cuda" if cfg["device"].startswith("cuda") else "cpu"
-    autocast = nullcontext() if cfg["dtype"] == "float32" else torch.autocast(device_type, dtype=torch_dtype(cfg["dtype"]))
-    out_dir, last_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "last.pt")
-
-    if procs.master:
-        check_out_dir(cfg)
-    lock = lock_out_dir(out_dir) if procs.master else None
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-    resume = load_resume_point(last_path) if cfg["init_from"] == "resume" else None
-    torch.manual_seed(cfg["seed"])  # the same initial weights in every process
-    model = recipe.build(cfg, resume)
-    if cfg["init_from"] != "scratch":
-        note_ignored_shape(cfg, model.args, last_path if resume else cfg["init_from"])
-    if procs.master and cfg["force"] and not resume:
-        remove_previous_run(out_dir)
-    train_data, val_data = open_training_data(cfg, model.args)
-    model.to(cfg["device"])
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type,
-                                           lambda name: recipe.lr_scale(name, cfg))
-    scaler = torch.amp.GradScaler(device_type, enabled=cfg["dtype"] == "float16")
-    sampler = BatchSampler(train_data, cfg["batch_size"], accum, procs.world, procs.rank, cfg["seed"],
-                           cfg["group_by_length"])
-    eval_sets = {"train": (train_data, fixed_batches(train_data, cfg["eval_iters"], cfg["batch_size"], cfg["seed"] + 1)),
-                 "val": (val_data, fixed_batches(val_data, cfg["eval_iters"], cfg["batch_size"], cfg["seed"] + 2))}
-    iter_num, best_val_loss = restore_state(resume, optimizer, scaler, sampler) if resume else (0, float("inf"))
-    start_iter = iter_num
-
-    train_model = torch.compile(model) if cfg["compile"] else model
-    if procs.ddp:
-        train_model = DDP(train_model, device_ids=[procs.local_rank] if device_type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    peak, peak_source = peak_flops(cfg, device_type)
-    if procs.master:
-        print(f"{recipe.name}: {sum(p.numel() for p in model.parameters()):,} parameters "
-              f"({sum(p.numel() for p in params):,} trained), {cfg['dataset']} data from {train_data.folder}, up to "
-              f"{cfg['batch_size'] * cfg['gradient_accumulation_steps'] * train_data.seq_len:,} tokens/iter, "
-              f"{procs.world} process(es), {cfg['device']} {cfg['dtype']}{' compiled' if cfg['compile'] else ''}; "
-              f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
-    metrics = MetricsLog(out_dir, resume_from=iter_num if resume else None, enabled=procs.master)
-
-    def save_last(loader_state, evaluated):
-        """last.pt: everything a resume needs to repeat the run from iter_num on, and whether
-        iter_num's evaluation already ran (a Ctrl-C save can land on an eval boundary before it)."""
-        save_checkpoint(last_path, {
-            "kind": "project", **recipe.checkpoint_weights(model), "model_args": model_args_dict(model.args),
-            "config": cfg, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
-            "best_val_loss": best_val_loss, "loader_state": loader_state, "evaluated": evaluated})
-        recipe.after_save(model, cfg, last_path, False)
-
-    def last_good():
-        return last_path if os.path.exists(last_path) else "(none yet)"
-
-    from tqdm import tqdm
-    bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not procs.master, dynamic_ncols=True, leave=False)
-    stop = StopRequest(procs.ddp)
-    last_loss, t_start = float("nan"), time.time()
-    # a last.pt from before the record does not say: evaluate again rather than maybe never
-    evaluated_iter = iter_num if resume and resume.extra.get("evaluated", False) else None
-    try:
-        while True:
-            loader_state = sampler.get_state()  # where this iteration's rows come from
-            due = iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]
-            if due and evaluated_iter != iter_num:
-                t0 = time.time()
-                losses = estimate_losses(model, eval_sets, cfg, procs, autocast)
-                if not all(map(math.isfinite, losses.values())):
-                    raise TrainingError(f"evaluation loss is {losses['val']} at iter {iter_num}: stopped; "
-                                        f"the last good checkpoint is {last_good()}")
-                eval_tokens = 2 * cfg["eval_iters"] * cfg["batch_size"] * train_data.seq_len
-                metrics.write({"iter": iter_num, "loss": losses["val"], "lr": get_lr(iter_num, cfg), "eval": True,
-                               "tokens_per_s": eval_tokens / (time.time() - t0),
-                               "train_loss": losses["train"], "val_loss": losses["val"]})
-                if procs.master:
-                    bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    is_best = losses["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    save_last(loader_state, evaluated=True)
-                    if is_best:
-                        save_best(out_dir, last_path)
-                        recipe.after_save(model, cfg, os.path.join(out_dir, "best.pt"), True)
-                evaluated_iter = iter_num
-            if iter_num >= cfg["max_iters"]:
-                break
-            t0, lr = time.time(), get_lr(iter_num, cfg)
-            seed_iteration(cfg, procs, iter_num)
-            last_loss, iter_tokens, seq_len, stop_now = train_step(train_model, sampler, optimizer, scaler, params, lr,
-                                                                   cfg, accum, procs, autocast, stop)
-            if not math.isfinite(last_loss):
-                raise TrainingError(f"loss is {last_loss} at iter {iter_num}: stopped before applying that "
-                                    f"step; the last good checkpoint is {last_good()}")
-            stop.applying = True  # no interrupt between the weights moving and the iteration counted
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            stop.applying = False
-            bar.update(1)
-            if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
-                dt = time.time() - t0
-                tokens_per_s = iter_tokens * procs.world / dt
-                mfu = model.estimate_mfu(tokens_per_s / procs.world, peak, seq_len)
-                metrics.write({"iter": iter_num, "loss": last_loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                               "mfu": mfu, "time_ms": dt * 1000})
-                bar.set_postfix_str(f"loss {last_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s MFU {mfu:.1%}")
-            # Ctrl-C during the iteration: it is complete and counted now. Under DDP the request
-            # travels with the step's all_reduce, so that every process stops after the same step
-            if stop_now or (stop.requested and not procs.ddp):
-                loader_state = sampler.get_state()
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if procs.master:  # the state at the start of iteration iter_num: resume repeats it exactly
-            save_last(loader_state, evaluated=evaluated_iter == iter_num)
-            bar.write(f"interrupted at iter {iter_num}: saved {last_path} (continue with --init_from=resume)")
-        raise
-    finally:
-        stop.close()
-        bar.close()
-        metrics.close()
-        if lock:
-            lock.close()
-        if procs.ddp:
-            dist.destroy_process_group()
-    if procs.master:
-        plot_losses(out_dir)
-        print(f"done: {iter_num - start_iter} iters in {time.time() - t_start:.1f}s, last train loss {last_loss:.4f}, "
-              f"best val loss {best_val_loss:.4f}; {out_dir}/ckpt.pt (= best.pt) for generate.py, last.pt to resume")
-    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_loss": last_loss}
-
-
-def train_step(train_model, sampler, optimizer, scaler, params, lr, cfg, accum, procs, autocast, stop):
+def train_step(run, lr, stop):
     """One iteration's forward and backward passes over its micro-batches, gradients clipped.
     Returns (mean loss, tokens, mean row length, whether any process was asked to stop); the
     caller applies the step once the loss is finite."""
-    for group in optimizer.param_groups:
+    cfg, procs, accum = run.cfg, run.procs, run.accum
+    for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     loss_sum, tokens, rows = torch.zeros((), device=procs.device), 0, 0
-    for micro, (x, y, *weights) in enumerate(sampler.iteration(cfg["device"])):
+    for micro, (x, y, *weights) in enumerate(run.sampler.iteration(cfg["device"])):
         tokens, rows = tokens + x.numel(), rows + x.shape[0]  # instruct batches are cut to their longest row
-        # DDP averages gradients once, on the last micro-step
-        with train_model.no_sync() if procs.ddp and micro < accum - 1 else nullcontext():
-            with autocast:
-                _, loss = train_model(x, y, target_weights=weights[0] if weights else None)
+        with gradient_sync(run.train_model, procs, last_micro_batch=micro >= accum - 1):
+            with run.autocast:
+                _, loss = run.train_model(x, y, target_weights=weights[0] if weights else None)
             loss_sum += loss.detach().float()
-            scaler.scale(loss / accum).backward()
-    # one all_reduce carries the loss and the stop request: every process stops after the same step.
-    # SUM, not AVG: gloo's AVG is missing from older PyTorch
+            run.scaler.scale(loss / accum).backward()
+    # one all_reduce carries the loss and the stop request: every process stops after the same step
     shared = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=procs.device)])
-    if procs.ddp:
-        all_reduce(shared, procs)
-    loss_total, stops = shared.tolist()
+    loss_total, stops = sum_over_processes(shared, procs).tolist()
     loss = loss_total / accum / procs.world
     if math.isfinite(loss) and cfg["grad_clip"] > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], cfg["grad_clip"])
     return loss, tokens, tokens / rows, stops > 0
+
+
+def apply_step(run, loss, stop):
+    """The weights move and the iteration counts, or the run stops before a non-finite step."""
+    if not math.isfinite(loss):
+        raise TrainingError(f"loss is {loss} at iter {run.iter_num}: stopped before applying that "
+                            f"step; the last good checkpoint is {last_good(run.cfg['out_dir'])}")
+    stop.applying = True  # no interrupt between the weights moving and the iteration counted
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.iter_num += 1
+    stop.applying = False
+
+
+def log_step(run, metrics, bar, loss, lr, iter_tokens, seq_len, seconds, peak):
+    tokens_per_s = iter_tokens * run.procs.world / seconds
+    mfu = estimate_mfu(run.model, tokens_per_s / run.procs.world, peak, seq_len)
+    metrics.write({"iter": run.iter_num, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                   "mfu": mfu, "time_ms": seconds * 1000})
+    bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s MFU {mfu:.1%}")
 
 
 def main(argv=None, defaults=DEFAULTS, recipe=None):
@@ -517,12 +464,10 @@ def main(argv=None, defaults=DEFAULTS, recipe=None):
         doc = sys.modules[type(recipe).__module__].__doc__ if recipe else __doc__
         print(configurator.settings_help(doc, defaults, CHOICES))
         return 0
-    new_out_dir = None  # an out_dir this run creates: removed again if the run fails before writing to it
     try:
         cfg = parse_settings(argv, defaults)
-        new_out_dir = None if os.path.lexists(cfg["out_dir"]) or int(os.environ.get("RANK", 0)) else cfg["out_dir"]
-        train(cfg, recipe)
-        new_out_dir = None
+        with removed_if_left_empty(cfg["out_dir"], creator=launched_rank() == 0):
+            train(cfg, recipe)
         return 0
     except ToolError as exc:  # bad settings, data or checkpoints: 2; a run that had to stop: 1
         return report_error(exc)
@@ -534,10 +479,6 @@ def main(argv=None, defaults=DEFAULTS, recipe=None):
     except KeyboardInterrupt:  # the loop has said what it saved; before the loop nothing was written
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        if new_out_dir and os.path.isdir(new_out_dir) and os.listdir(new_out_dir) == [".lock"]:
-            os.remove(os.path.join(new_out_dir, ".lock"))
-            os.rmdir(new_out_dir)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from cli import torch_dtype  # noqa: E402
 from configurator import parse_settings  # noqa: E402
 from lora import apply_lora, parse_targets  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from train import configure_optimizers  # noqa: E402
 
 SHAPES = {"15M": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, multiple_of=32),
           "110M": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, multiple_of=32)}
@@ -49,7 +50,7 @@ def make_step(shape, vocab, seq, dtype, compile_model, lora=False, device="cpu")
     model = Transformer(ModelArgs(**SHAPES[shape], vocab_size=vocab, max_seq_len=seq)).to(device)
     if lora:
         apply_lora(model, rank=2, alpha=1.0)
-    optimizer = model.configure_optimizers(0.1, 5e-4, (0.9, 0.95), device.split(":")[0])
+    optimizer = configure_optimizers(model, 0.1, 5e-4, (0.9, 0.95), device.split(":")[0])
     params = [p for p in model.parameters() if p.requires_grad]
     run = torch.compile(model) if compile_model else model
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=torch_dtype(dtype))
@@ -93,15 +94,15 @@ def cpu_throughput(batch, seq, vocab, steps, rounds, with_compile):
             best[name] = min(best[name], timed(step, x, y, steps, "cpu"))
     peaks = {d: metrics.measure_matmul_flops("cpu", torch_dtype(d), seconds=1.0) for d in ("float32", "bfloat16")}
     model = steps_fns["float32 eager"][0]
-    print(f"\nstories15M shape, vocab {vocab}, batch {batch} x {seq} ({model.flops_per_token() / 1e6:.0f} MFLOP/token); "
+    print(f"\nstories15M shape, vocab {vocab}, batch {batch} x {seq} ({metrics.flops_per_token(model) / 1e6:.0f} MFLOP/token); "
           f"measured matmul peak: float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
     base = best["float32 eager"]
     for name, seconds in best.items():
         tokens_per_s = batch * seq / seconds
         dtype = variants[name][0]
         print(f"  {name:28s} {seconds * 1000:7.0f} ms/step {tokens_per_s:8.0f} tokens/s  {base / seconds:4.2f}x  "
-              f"MFU {model.estimate_mfu(tokens_per_s, peaks[dtype]):5.1%} (of {dtype} peak), "
-              f"{model.estimate_mfu(tokens_per_s, peaks['bfloat16']):5.1%} (of bf16 peak)")
+              f"MFU {metrics.estimate_mfu(model, tokens_per_s, peaks[dtype]):5.1%} (of {dtype} peak), "
+              f"{metrics.estimate_mfu(model, tokens_per_s, peaks['bfloat16']):5.1%} (of bf16 peak)")
     return best
 
 
@@ -170,7 +171,7 @@ def demo_steps(steps, rounds):
     runs = {}
     for name, (model, (x, y)) in variants.items():
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu") if params else None
+        optimizer = configure_optimizers(model, 0.0, 1e-3, (0.9, 0.95), "cpu") if params else None
 
         def step(x, y, model=model, params=params, optimizer=optimizer):
             _, loss = model(x, y)
@@ -251,7 +252,7 @@ def gpu_mfu(shape, batch, seq, steps):
     listed = metrics.gpu_peak_bf16(name)
     peak = listed or 989e12
     print(f"stories{shape} shape (vocab {vocab}), batch {batch} x {seq}, bf16 autocast + compile on {name}: "
-          f"{seconds * 1000:.0f} ms/step, {tokens_per_s:,.0f} tokens/s, MFU {model.estimate_mfu(tokens_per_s, peak):.1%} "
+          f"{seconds * 1000:.0f} ms/step, {tokens_per_s:,.0f} tokens/s, MFU {metrics.estimate_mfu(model, tokens_per_s, peak):.1%} "
           f"of {peak / 1e12:.0f} TFLOP/s (bf16 dense datasheet peak{'' if listed else ', assumed H100 SXM'}); "
           f"peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
 

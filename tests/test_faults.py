@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import distributed
 import metrics
 import train
 from checkpoints import load_checkpoint
@@ -214,8 +215,8 @@ def test_a_second_run_on_the_same_out_dir_refuses_and_a_dead_one_does_not_block(
     out = tmp_path / "out"
     argv = [f"--{k}={v}" for k, v in tiny_config(pretrain_dir, out, max_iters=2).items()]
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, '.'); import train; "
-        f"lock = train.lock_out_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)")],
+        "import sys, time; sys.path.insert(0, '.'); import run_folder; "
+        f"lock = run_folder.lock_out_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -233,18 +234,18 @@ def test_a_second_run_on_the_same_out_dir_refuses_and_a_dead_one_does_not_block(
 # ---- bookkeeping a GPU run would otherwise show first -----------------------------------------------
 
 def test_every_tensor_crossing_dist_is_on_the_training_device():
-    procs = train.Processes(ddp=True, device=torch.device("meta"))  # stands for "cuda:0" here
+    procs = distributed.Processes(ddp=True, device=torch.device("meta"))  # stands for "cuda:0" here
     with pytest.raises(RuntimeError, match="training device"):
-        train.all_reduce(torch.zeros(2), procs)  # a CPU tensor, as NCCL would refuse it
+        distributed.all_reduce(torch.zeros(2), procs)  # a CPU tensor, as NCCL would refuse it
 
 
 def test_evaluation_and_step_totals_live_on_the_training_device(pretrain_dir, tmp_path, monkeypatch):
     """Under a fake one-process "DDP", every all_reduce must receive a tensor on procs.device."""
     seen = []
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: seen.append(tensor.device))
-    monkeypatch.setattr(train, "start_processes", lambda cfg: train.Processes(ddp=True, device=torch.device("cpu")))
+    monkeypatch.setattr(train, "start_processes", lambda cfg: distributed.Processes(ddp=True, device=torch.device("cpu")))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
-    monkeypatch.setattr(train, "DDP", lambda model, device_ids=None: NoSyncWrapper(model))
+    monkeypatch.setattr(distributed, "DDP", lambda model, device_ids=None: NoSyncWrapper(model))
     train.train(tiny_config(pretrain_dir, tmp_path / "out", max_iters=2, eval_interval=2))
     assert seen and all(device == torch.device("cpu") for device in seen)
 
@@ -273,9 +274,9 @@ def test_mfu_counts_the_length_actually_trained_on(tmp_path):
     """Instruct rows are cut to the batch's longest example: attention FLOPs follow that length."""
     from model import ModelArgs, Transformer
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=1024))
-    assert model.estimate_mfu(1000, 1e12, seq_len=100) < model.estimate_mfu(1000, 1e12)
+    assert metrics.estimate_mfu(model, 1000, 1e12, seq_len=100) < metrics.estimate_mfu(model, 1000, 1e12)
     n_params = sum(p.numel() for p in model.parameters())
-    assert model.flops_per_token(100) == 6 * n_params + 12 * 2 * 4 * 16 * 100
+    assert metrics.flops_per_token(model, 100) == 6 * n_params + 12 * 2 * 4 * 16 * 100
 
 
 # ---- DDP resume: every rank's dropout repeats ----------------------------------------------------

@@ -76,7 +76,7 @@ def test_apply_lora_honours_rank_alpha_dropout_and_targets():
 def test_only_lora_parameters_change_when_training():
     model = apply_lora(tiny_model(), rank=2, alpha=2.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    optimizer = train.configure_optimizers(model, 0.1, 1e-2, (0.9, 0.95), "cpu")
     tokens = torch.randint(0, VOCAB, (4, 17))
     for _ in range(3):
         _, loss = model(tokens[:, :-1], tokens[:, 1:])
