@@ -5,7 +5,7 @@ import os
 import shutil
 from contextlib import contextmanager
 
-from checkpoint import load_checkpoint
+from checkpoints import load_checkpoint
 from cli import UsageError, atomic_write, check_output, lock_folder, remove_stale_temp_files
 
 # what a run writes in out_dir (lock_out_dir removes their temporaries that a killed run left)
