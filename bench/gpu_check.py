@@ -24,8 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import torch  # noqa: E402
 
 from checkpoints import load_checkpoint  # noqa: E402
-from test_corrupt_inputs import write_tiny_tokenizer  # noqa: E402
-from test_train import step_losses, tiny_config, write_pretrain_shards  # noqa: E402
+from helpers import step_losses, tiny_config, write_pretrain_shards, write_tiny_tokenizer  # noqa: E402
 
 FAILURES = []
 

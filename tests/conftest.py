@@ -4,9 +4,8 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-TEST_DATA = os.path.join(ROOT, "tests", "data")  # shipped with the repo: see its SOURCES.md
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the scripts import each other by name
+from helpers import TEST_DATA  # noqa: E402
 
 
 @pytest.fixture

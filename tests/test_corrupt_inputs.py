@@ -17,18 +17,15 @@ import dataset
 from checkpoints import CheckpointError, load_checkpoint, model_args_dict, save_checkpoint
 from checkpoints import huggingface, llama2c
 from cli import UsageError
+from helpers import VOCAB, assert_refused, write_tiny_tokenizer
 from lora import apply_lora, lora_state_dict
 from model import ModelArgs, Transformer
-from test_train import VOCAB
 from tokenizer import Tokenizer, TokenizerError
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-def one_line_naming(exc, name):
-    message = str(exc)
-    assert "\n" not in message and name in message, message
 
 
 # ---- SIGKILL at 20 points of a run ---------------------------------------------------------------
@@ -163,7 +160,7 @@ def test_corrupt_checkpoints_are_refused_in_one_line_or_load_unchanged(name, ori
         try:
             ckpt = load_checkpoint(load_path)
         except CheckpointError as exc:
-            one_line_naming(exc, os.path.basename(load_path))
+            assert_refused(exc, os.path.basename(load_path))
             outcomes["refused"] += 1
             return
         assert set(ckpt.state_dict) == set(expected), mutation  # it loaded: then it is the same model
@@ -193,7 +190,7 @@ def test_token_shards_are_refused_in_one_line_unless_valid(raw, tmp_path_factory
     try:
         windows = dataset.TokenWindows(folder, [path], seq_len=8, vocab_size=VOCAB)
     except UsageError as exc:
-        one_line_naming(exc, path)
+        assert_refused(exc, path)
         assert not valid
         FUZZ_COUNTS["token shards"] = FUZZ_COUNTS.get("token shards", 0) + 1
         return
@@ -249,20 +246,6 @@ def test_fuzz_counts_are_reported():
     print(f"\nfuzzed: {checkpoints} checkpoint files, {data} data files, 0 tracebacks")
 
 
-def write_tiny_tokenizer(folder, vocab_size=40):
-    """A sentencepiece model of vocab_size pieces, trained in about a second (also bench/gpu_check.py's)."""
-    import sentencepiece as spm
-    rng = random.Random(0)
-    words = ["cat", "dog", "ran", "sun", "tree", "happy", "little", "big", "jumped", "home"]
-    words += ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randrange(2, 7))) for _ in range(60)]
-    text = os.path.join(folder, "text.txt")
-    with open(text, "w") as f:
-        for _ in range(400):
-            f.write(" ".join(rng.choice(words) for _ in range(8)) + ".\n")
-    prefix = os.path.join(folder, "tok")
-    spm.SentencePieceTrainer.train(input=text, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
-                                   minloglevel=2, bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
-    return prefix + ".model"
 
 
 @pytest.mark.slow
@@ -287,7 +270,7 @@ def test_files_that_are_no_tokenizer_are_refused_in_one_line(tmp_path):
         try:
             tokenizer = Tokenizer(path)
         except TokenizerError as exc:
-            one_line_naming(exc, path)
+            assert_refused(exc, path)
             refused += 1
             continue
         tokenizer.decode(tokenizer.encode("the cat ran home"))  # what parses is a working tokenizer

@@ -12,13 +12,9 @@ import demo_corpus
 import evaluate
 from checkpoints import load_model
 from evaluate import Request, score_story
-from tests.conftest import ROOT
-from tests.docs_reference import formats_section
+from helpers import ROOT, formats_section, run_script
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_verb_counts_in_any_regular_inflection_and_nothing_else():
@@ -127,7 +123,7 @@ def test_cli_report_and_errors(shared_data, tmp_path):
     prompts.write_text('{"verb": "play", "noun": "ball", "adjective": "red", "features": ["Dialogue"]}\n'
                        '{"verb": "jump", "noun": "park", "adjective": "happy"}\n')
     report_path = tmp_path / "eval.json"
-    done = run_cli(f"--model_path={shared_data}/stories260K.pt", f"--prompts_file={prompts}",
+    done = run_script("evaluate.py", f"--model_path={shared_data}/stories260K.pt", f"--prompts_file={prompts}",
                    f"--data={shared_data}/tinystories_valid_head.txt", "--max_tokens=4096",
                    "--max_new_tokens=40", f"--report={report_path}")
     assert done.returncode == 0, done.stderr
@@ -138,12 +134,12 @@ def test_cli_report_and_errors(shared_data, tmp_path):
     assert "| requested words used |" in done.stdout
 
     model = f"--model_path={shared_data}/stories260K.pt"
-    failures = [run_cli(model), run_cli(model, f"--prompts_file={tmp_path / 'eval.json'}"),
-                run_cli(model, f"--prompts_file={tmp_path / 'absent.jsonl'}"),
-                run_cli(model, "--num_prompts=3", f"--held_out_from={tmp_path}"),
-                run_cli(model, f"--data={tmp_path / 'absent.txt'}")]
+    failures = [run_script("evaluate.py", model), run_script("evaluate.py", model, f"--prompts_file={tmp_path / 'eval.json'}"),
+                run_script("evaluate.py", model, f"--prompts_file={tmp_path / 'absent.jsonl'}"),
+                run_script("evaluate.py", model, "--num_prompts=3", f"--held_out_from={tmp_path}"),
+                run_script("evaluate.py", model, f"--data={tmp_path / 'absent.txt'}")]
     if not torch.cuda.is_available():
-        failures.append(run_cli(model, "--data=x.txt", "--device=cuda"))
+        failures.append(run_script("evaluate.py", model, "--data=x.txt", "--device=cuda"))
     for failed in failures:
         assert failed.returncode == 2
         assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
@@ -161,7 +157,7 @@ def test_compare_scores_checkpoints_alike_side_by_side(shared_data, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"verb": "play", "noun": "ball", "adjective": "red", "features": ["Dialogue"]}\n')
     report_path = tmp_path / "compare.json"
-    done = run_cli("--compare", f"{shared_data}/stories260K.pt", f"{shared_data}/stories260K.pt", str(other),
+    done = run_script("evaluate.py", "--compare", f"{shared_data}/stories260K.pt", f"{shared_data}/stories260K.pt", str(other),
                    f"--prompts_file={prompts}", f"--data={shared_data}/tinystories_valid_head.txt",
                    "--max_tokens=2048", "--max_new_tokens=30", f"--report={report_path}",
                    f"--tokenizer={shared_data}/tok512.model")
@@ -175,7 +171,7 @@ def test_compare_scores_checkpoints_alike_side_by_side(shared_data, tmp_path):
     reports = json.loads(report_path.read_text())["compare"]
     assert [r["samples"][0]["story"] for r in reports[:2]] == [reports[0]["samples"][0]["story"]] * 2
 
-    both = run_cli(f"--model_path={other}", "--compare", str(other), "--data=x.txt")
+    both = run_script("evaluate.py", f"--model_path={other}", "--compare", str(other), "--data=x.txt")
     assert both.returncode == 2 and len(both.stderr.strip().splitlines()) == 1
 
 

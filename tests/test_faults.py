@@ -16,7 +16,7 @@ import distributed
 import metrics
 import train
 from checkpoints import load_checkpoint
-from test_train import ROOT, free_port, step_losses, tiny_config, write_pretrain_shards
+from helpers import ROOT, free_port, step_losses, tiny_config, write_pretrain_shards
 
 
 @pytest.fixture
@@ -308,7 +308,7 @@ def test_ddp_resume_with_dropout_repeats_the_run_exactly(pretrain_dir, tmp_path)
 KILL_POINTS = 20
 
 
-def run_cli(argv):
+def start_training(argv):
     return subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
@@ -334,14 +334,14 @@ def test_sigkill_at_random_moments_never_breaks_last_pt_and_resume_is_exact(pret
     never killed; every last.pt on the way loads."""
     settings = dict(max_iters=30, lr_decay_iters=30, eval_interval=2, dropout=0.1)
     argv = lambda out, **extra: [f"--{k}={v}" for k, v in tiny_config(pretrain_dir, out, **dict(settings, **extra)).items()]
-    reference = run_cli(argv(tmp_path / "ref"))
+    reference = start_training(argv(tmp_path / "ref"))
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
 
     out, rng = tmp_path / "killed", random.Random(0)
     kills = during_write = 0
     while kills < KILL_POINTS:
         resume = (out / "last.pt").exists()
-        proc = run_cli(argv(out, init_from="resume") if resume else argv(out))
+        proc = start_training(argv(out, init_from="resume") if resume else argv(out))
         if kills % 2:  # wait for this process's checkpoint write to begin (cli.atomic_write's temp name)
             writing = lambda: out.exists() and any(f".{proc.pid}.tmp" in name for name in temp_files(out))
             deadline = time.time() + 60
@@ -358,7 +358,7 @@ def test_sigkill_at_random_moments_never_breaks_last_pt_and_resume_is_exact(pret
         kills += 1
         if (out / "last.pt").exists():
             load_checkpoint(str(out / "last.pt"))  # never half a file
-    final = run_cli(argv(out, init_from="resume") if (out / "last.pt").exists() else argv(out))
+    final = start_training(argv(out, init_from="resume") if (out / "last.pt").exists() else argv(out))
     assert final.wait(timeout=300) == 0, final.stderr.read()[-2000:]
     assert kills >= KILL_POINTS // 2 and during_write >= 3, (kills, during_write)
     assert_same_weights(final_weights(tmp_path / "ref"), final_weights(out))

@@ -10,10 +10,10 @@ import torch
 import dataset
 import finetune_lora
 import train
+from helpers import ROOT, VOCAB, read_metrics, step_losses, tiny_config, write_instruct_shards
 from checkpoints import CheckpointError, load_checkpoint, load_model, model_args_dict, save_checkpoint
 from lora import LoRALinear, apply_lora, lora_modules, lora_state_dict, merge_lora, merged_state_dict
 from model import ModelArgs, Transformer
-from test_train import ROOT, VOCAB, read_metrics, step_losses, tiny_config, write_instruct_shards
 
 
 def tiny_model(seed=0):

@@ -1,4 +1,4 @@
-"""A careless user's inputs (issue 20): each script run as a user runs it, with the mistakes a
+"""A careless user's inputs: each script run as a user runs it, with the mistakes a
 new user makes. None may print a traceback, exit 0 having done the wrong thing, or replace a
 file or folder the user did not ask to lose. Tiny settings throughout: the file runs in well
 under two minutes on two cores."""
@@ -20,43 +20,14 @@ import evaluate
 import prepare_instruct_data
 import tinystories
 import train
-from tests.conftest import ROOT
-from tests.test_train import VOCAB, write_instruct_shards, write_pretrain_shards
+from helpers import (ROOT, VOCAB, assert_refused, message_lines, run_main, run_script, write_instruct_shards,
+                     write_pretrain_shards)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY_TRAIN = ["--vocab_source=custom", f"--vocab_size={VOCAB}", "--dim=32", "--n_layers=1", "--n_heads=2",
               "--n_kv_heads=2", "--multiple_of=8", "--max_seq_len=32", "--batch_size=4",
               "--gradient_accumulation_steps=1", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
               "--device=cpu", "--dtype=float32", "--compile=False", "--peak_flops=1e12"]
-
-
-def run(script, *args, timeout=600):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-
-
-def message_lines(stderr):
-    """stderr without the progress bars (tqdm redraws its line with carriage returns)."""
-    return [line for line in stderr.splitlines() if line.strip() and "\r" not in line and not re.search(r"\d+%\|", line)]
-
-
-def refused(result, *fragments, code=2):
-    """One line on stderr naming what is wrong, the exit code for bad input, nothing else."""
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
-    lines = message_lines(result.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def refused_in_process(main, argv, capsys, *fragments):
-    """The same refusal checked in this process: for the runs refused before any work, where a
-    new interpreter would only add its start-up time."""
-    code = main(argv)
-    result = subprocess.CompletedProcess(argv, code, "", capsys.readouterr().err)
-    return refused(result, *fragments)
 
 
 def sha(path):
@@ -130,15 +101,15 @@ def model(shared_data):
 
 def test_rerun_keeps_a_finished_run_resume_names_ignored_shape_force_keeps_user_files(tmp_path, capsys):
     data, out = write_pretrain_shards(str(tmp_path / "data")), tmp_path / "out"
-    first = run("train.py", *TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}")
+    first = run_script("train.py", *TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}")
     assert first.returncode == 0, first.stderr[-2000:]
     before = {name: sha(out / name) for name in ("last.pt", "best.pt", "ckpt.pt")}
 
-    refused_in_process(train.main, [*TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--seed=7"], capsys,
+    assert_refused(run_main(train.main, capsys, *[*TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--seed=7"]),
                        f"out_dir={out}", "--init_from=resume", "--force")
     assert {name: sha(out / name) for name in before} == before  # (1) nothing replaced
 
-    resumed = run("train.py", *TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
+    resumed = run_script("train.py", *TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
                   "--max_iters=3", "--dim=64", "--n_layers=3")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     notes = [line for line in message_lines(resumed.stderr) if line.startswith("note:")]
@@ -147,15 +118,15 @@ def test_rerun_keeps_a_finished_run_resume_names_ignored_shape_force_keeps_user_
     (out / "notes.txt").write_text("my notes")
     (out / "plots").mkdir()
     (out / "plots" / "mine.png").write_bytes(b"png")
-    forced = run("train.py", *TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--force", "--seed=7")
+    forced = run_script("train.py", *TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--force", "--seed=7")
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert (out / "notes.txt").read_text() == "my notes" and (out / "plots" / "mine.png").read_bytes() == b"png"
     assert sha(out / "last.pt") != before["last.pt"]
     assert len(open(out / "metrics.jsonl").readlines()) == 4  # the new run's rows only: 2 steps, 2 evaluations
     # --force never replaces the checkpoint the new run starts from
     digest = sha(out / "ckpt.pt")
-    refused_in_process(train.main, [*TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--force",
-                                    f"--init_from={out / 'ckpt.pt'}"], capsys, "init_from=", "copy it elsewhere")
+    assert_refused(run_main(train.main, capsys, *[*TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--force",
+                                    f"--init_from={out / 'ckpt.pt'}"]), "init_from=", "copy it elsewhere")
     assert sha(out / "ckpt.pt") == digest
 
 
@@ -163,10 +134,10 @@ def test_out_dir_that_is_a_file_or_read_only_is_bad_input(tmp_path, capsys):
     data = write_pretrain_shards(str(tmp_path / "data"))
     a_file = tmp_path / "results.txt"
     a_file.write_text("keep me")
-    refused(run("train.py", *TINY_TRAIN, f"--data_dir={data}", f"--out_dir={a_file}"), str(a_file), "folder")
+    assert_refused(run_script("train.py", *TINY_TRAIN, f"--data_dir={data}", f"--out_dir={a_file}"), str(a_file), "folder")
     assert a_file.read_text() == "keep me"
     locked = read_only_folder(tmp_path)
-    refused_in_process(train.main, [*TINY_TRAIN, f"--data_dir={data}", f"--out_dir={locked}/run"], capsys,
+    assert_refused(run_main(train.main, capsys, *[*TINY_TRAIN, f"--data_dir={data}", f"--out_dir={locked}/run"]),
                        "cannot write")
 
 
@@ -174,7 +145,7 @@ def test_out_dir_that_is_a_file_or_read_only_is_bad_input(tmp_path, capsys):
 
 @pytest.mark.parametrize("script, flag", [("train.py", "--help"), ("finetune_lora.py", "-h")])
 def test_help_as_a_command(script, flag):
-    result = run(script, flag)
+    result = run_script(script, flag)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout.startswith(("Train a Llama 2", "LoRA fine-tuning")) and "--max_iters=" in result.stdout
 
@@ -220,7 +191,7 @@ def test_generate_names_a_capped_max_new_tokens(model, shared_data):
     from tokenizer import Tokenizer
     words = "the cat sat on the mat and"
     prompt = " ".join([words] * (480 // len(Tokenizer(f"{shared_data}/tok512.model").encode(words))))
-    result = run("generate.py", *model, f"--prompt={prompt}", "--max_new_tokens=100", "--temperature=0")
+    result = run_script("generate.py", *model, f"--prompt={prompt}", "--max_new_tokens=100", "--temperature=0")
     assert result.returncode == 0, result.stderr[-2000:]
     notes = [line for line in message_lines(result.stderr) if line.startswith("note:")]
     assert len(notes) == 1 and "--max_new_tokens=100" in notes[0] and "capped at" in notes[0], result.stderr
@@ -244,10 +215,10 @@ def test_report_path_checked_before_the_work(model, shared_data, tmp_path, capsy
     loss = [f"--data={shared_data}/tinystories_valid_head.txt", "--max_tokens=512"]
     folder = tmp_path / "reports"
     folder.mkdir()
-    refused_in_process(evaluate.main, [*model, *loss, f"--report={folder}"], capsys, f"--report={folder}", "folder")
+    assert_refused(run_main(evaluate.main, capsys, *[*model, *loss, f"--report={folder}"]), f"--report={folder}", "folder")
     locked = read_only_folder(tmp_path)
-    result = run("evaluate.py", *model, *loss, f"--report={locked}/eval.json")
-    refused(result, "cannot write")
+    result = run_script("evaluate.py", *model, *loss, f"--report={locked}/eval.json")
+    assert_refused(result, "cannot write")
     assert "validation loss" not in result.stdout  # (9) refused before evaluating, not after
 
 
@@ -258,11 +229,11 @@ def test_report_never_replaces_a_users_file_unless_forced(model, shared_data, tm
     digest = sha(checkpoint)
     model_flags = [f"--model_path={checkpoint}", *model[1:]]
     # the checkpoint being evaluated: not even with --force
-    refused_in_process(evaluate.main, [*model_flags, *loss, f"--report={checkpoint}", "--force"], capsys, "input")
+    assert_refused(run_main(evaluate.main, capsys, *[*model_flags, *loss, f"--report={checkpoint}", "--force"]), "input")
     assert sha(checkpoint) == digest
     mine = tmp_path / "notes.json"
     mine.write_text('{"mine": 1}')
-    refused_in_process(evaluate.main, [*model_flags, *loss, f"--report={mine}"], capsys, "--force")
+    assert_refused(run_main(evaluate.main, capsys, *[*model_flags, *loss, f"--report={mine}"]), "--force")
     assert mine.read_text() == '{"mine": 1}'
     assert evaluate.main([*model_flags, *loss, f"--report={mine}", "--force"]) == 0
     assert json.loads(mine.read_text())["model_path"] == str(checkpoint)
@@ -283,7 +254,7 @@ def test_shards_of_another_vocabulary_are_refused(model, tmp_path):
     folder = tmp_path / "data" / "tok400"  # another tokenizer's shards: every id < 400 fits vocab 512
     folder.mkdir(parents=True)
     np.random.default_rng(0).integers(0, 400, 5000).astype(np.uint16).tofile(folder / "data00.bin")
-    refused(run("evaluate.py", *model, f"--data={folder}"), "400", "512")
+    assert_refused(run_script("evaluate.py", *model, f"--data={folder}"), "400", "512")
 
 
 @pytest.mark.parametrize("flag", ["--batch_size=0", "--max_tokens=0"])
@@ -299,8 +270,8 @@ def test_zero_batch_size_or_max_tokens_is_refused(model, shared_data, flag, caps
 
 def test_train_checks_the_device_first(tmp_path, capsys):
     data, out = write_pretrain_shards(str(tmp_path / "data")), tmp_path / "out"
-    refused(run("train.py", *TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--device=mps"), "--device=mps")
-    refused_in_process(train.main, [*TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--device=gpu"], capsys,
+    assert_refused(run_script("train.py", *TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--device=mps"), "--device=mps")
+    assert_refused(run_main(train.main, capsys, *[*TINY_TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--device=gpu"]),
                        "--device=gpu")
     assert not out.exists()  # no out_dir left holding only .lock
 
@@ -316,16 +287,16 @@ def test_zero_examples_are_refused_and_train_then_says_why(shared_data, tmp_path
     err = [line for line in message_lines(capsys.readouterr().err) if "shard/s" not in line]
     assert len(err) == 1 and "40 records -> 0 examples" in err[0] and "--max_seq_len" in err[0], err
     assert not (data / "instruct512" / "meta.json").exists()
-    result = run("train.py", *TINY_TRAIN, "--dataset=instruct", "--vocab_size=512", f"--data_dir={data}",
+    result = run_script("train.py", *TINY_TRAIN, "--dataset=instruct", "--vocab_size=512", f"--data_dir={data}",
                  f"--out_dir={tmp_path / 'out'}")
-    refused(result, "instruct512", "prepare_instruct_data")
+    assert_refused(result, "instruct512", "prepare_instruct_data")
 
 
 def test_window_shorter_than_every_prompt_is_a_setting_error(tmp_path):
     data = write_instruct_shards(str(tmp_path / "data"))  # prompts of 3 to 7 tokens
-    result = run("train.py", *TINY_TRAIN, "--dataset=instruct", "--max_seq_len=2", f"--data_dir={data}",
+    result = run_script("train.py", *TINY_TRAIN, "--dataset=instruct", "--max_seq_len=2", f"--data_dir={data}",
                  f"--out_dir={tmp_path / 'out'}")
-    refused(result, "max_seq_len=2", "shorter than every prompt")
+    assert_refused(result, "max_seq_len=2", "shorter than every prompt")
     assert not (tmp_path / "out").exists()  # a run refused before it wrote anything leaves no out_dir behind
 
 
@@ -339,9 +310,9 @@ def test_export_force_replaces_only_its_own_files(shared_data, tmp_path, capsys)
     (folder / "README.txt").write_text("mine")
     (folder / "sub" / "data.csv").write_text("1,2")
     (folder / "config.json").write_text("{}")
-    refused_in_process(export.main, [*checkpoint, "--format=hf", f"--out={folder}"], capsys, "--force")
+    assert_refused(run_main(export.main, capsys, *[*checkpoint, "--format=hf", f"--out={folder}"]), "--force")
     assert (folder / "config.json").read_text() == "{}"
-    done = run("export.py", *checkpoint, "--format=hf", f"--out={folder}", "--force")
+    done = run_script("export.py", *checkpoint, "--format=hf", f"--out={folder}", "--force")
     assert done.returncode == 0, done.stderr[-2000:]
     assert (folder / "README.txt").read_text() == "mine" and (folder / "sub" / "data.csv").read_text() == "1,2"
     assert json.loads((folder / "config.json").read_text())["vocab_size"] == 512

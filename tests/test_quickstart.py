@@ -3,25 +3,15 @@ a tiny model and a few steps, so the main job cannot silently break."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from helpers import run_make
 
 
 TINY_MODEL = "--batch_size=4 --dim=32 --n_layers=1 --n_heads=2 --n_kv_heads=2 --multiple_of=8 --log_interval=2"
 
 
-def run_make(target, demo_dir, *variables):
-    """A Makefile demo target on a tiny corpus (2 shards x 300 stories), one thread; must succeed."""
-    done = subprocess.run(["make", "--no-print-directory", target, f"PY={sys.executable}", f"DEMO_DIR={demo_dir}",
-                           "DEMO_SHARDS=2", "DEMO_STORIES=300", *variables],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")

@@ -17,10 +17,8 @@ import pytest
 import torch
 
 from checkpoints import save_checkpoint
-from docs_reference import greedy_story
+from helpers import ROOT, TEST_DATA, free_port, greedy_story, run_make
 from model import ModelArgs, Transformer
-from tests.conftest import ROOT, TEST_DATA
-from tests.test_quickstart import run_make
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -28,10 +26,6 @@ STORIES260K = os.path.join(TEST_DATA, "stories260K.pt")
 TOK512 = os.path.join(TEST_DATA, "tok512.model")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

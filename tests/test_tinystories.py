@@ -14,9 +14,9 @@ import demo_corpus
 import prompts
 import shards
 import tinystories
+from helpers import ROOT
 from tokenizer import Tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def real_stories(shared_data):

@@ -1,7 +1,5 @@
 """train.py: settings parsing, data batches, the training loop, exact resume, DDP, failure paths."""
-import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,76 +11,22 @@ import cli
 import dataset
 import train
 from checkpoints import load_checkpoint, load_model
+from helpers import (ROOT, VOCAB, free_port, read_metrics, step_losses, tiny_config, write_instruct_shards,
+                     write_pretrain_shards)
 from model import ModelArgs, Transformer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 64
 
 
-def rule_stream(rng, n_stories, length=40):
-    """Stories of BOS + a deterministic chain (next = f(token)): learnable within a few steps."""
-    out = []
-    for _ in range(n_stories):
-        token = int(rng.integers(3, VOCAB))
-        story = [1]
-        for _ in range(int(rng.integers(length // 2, length))):
-            story.append(token)
-            token = (token * 5 + 7) % (VOCAB - 3) + 3
-        out += story
-    return np.array(out, dtype=np.uint16)
 
 
-def write_pretrain_shards(data_dir, n_shards=3, seed=0):
-    folder = os.path.join(data_dir, f"tok{VOCAB}")
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n_shards):
-        rule_stream(rng, 200).tofile(os.path.join(folder, f"data{i:02d}.bin"))
-    return data_dir
 
 
-def write_instruct_shards(data_dir, n_shards=2, rows=64, width=33, seed=0):
-    """Rows of prompt + BOS + story + EOS, zero-padded; the story follows the prompt's last token."""
-    folder = os.path.join(data_dir, f"instruct{VOCAB}")
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for s in range(n_shards):
-        tokens = np.zeros((rows, width), dtype=np.uint16)
-        lengths = np.zeros((rows, 2), dtype=np.int32)
-        for r in range(rows):
-            prompt = list(rng.integers(3, VOCAB, size=int(rng.integers(3, 8))))
-            token, story = prompt[-1], []
-            for _ in range(int(rng.integers(5, width - len(prompt) - 2))):
-                token = (token * 5 + 7) % (VOCAB - 3) + 3
-                story.append(token)
-            row = prompt + [1] + story + [2]
-            tokens[r, :len(row)] = row
-            lengths[r] = (len(prompt), len(row))
-        np.save(os.path.join(folder, f"data{s:02d}.tokens.npy"), tokens)
-        np.save(os.path.join(folder, f"data{s:02d}.lengths.npy"), lengths)
-    with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump({"vocab_size": VOCAB, "max_seq_len": width - 1, "tokenizer": "tok64.model"}, f)
-    return data_dir
 
 
-def tiny_config(data_dir, out_dir, **overrides):
-    c = dict(train.DEFAULTS)
-    c.update(data_dir=str(data_dir), out_dir=str(out_dir), vocab_source="custom", vocab_size=VOCAB,
-             dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=8, max_seq_len=32,
-             batch_size=8, gradient_accumulation_steps=2, learning_rate=3e-3, max_iters=20,
-             warmup_iters=2, eval_interval=10, eval_iters=2, log_interval=1, device="cpu",
-             dtype="float32", compile=False, peak_flops=1e12)
-    c.update(overrides)
-    return c
 
 
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
-def step_losses(out_dir):
-    return {r["iter"]: r["loss"] for r in read_metrics(out_dir) if not r.get("eval")}
 
 
 @pytest.fixture
@@ -382,10 +326,6 @@ def test_bfloat16_autocast_trains(pretrain_dir, tmp_path):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_two_gloo_processes_match_one_process(pretrain_dir, tmp_path):
