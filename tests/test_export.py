@@ -16,6 +16,7 @@ import export  # noqa: E402
 from checkpoint import (CheckpointError, hf_permute_qk, hf_unpermute_qk, load_checkpoint,  # noqa: E402
                         load_model, model_args_dict, save_checkpoint)
 from model import ModelArgs, Transformer  # noqa: E402
+from decoding import generate  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ def run_export(*argv):
 
 
 def greedy(model, n_tokens, prompt=(1,)):
-    out = model.generate(torch.tensor([list(prompt)]), n_tokens, temperature=0)
+    out = generate(model, torch.tensor([list(prompt)]), n_tokens, temperature=0)
     return [int(t) for t in out]
 
 
