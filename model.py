@@ -127,7 +127,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, input_pos=None, mask=None, decode_attention=False):
         """decode_attention: one new token per row, attending to the cache through
-        decode_attention() below; a compiled decode step asks for it."""
+        one_query_attention() below; a compiled decode step asks for it."""
         batch, seq, _ = x.shape
         if self.wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -143,7 +143,7 @@ class Attention(nn.Module):
             # the whole cache comes back; mask says which positions each query may see
             k, v = self.kv_cache.update(input_pos, k, v)
         if decode_attention and self.kv_cache is not None and seq == 1:
-            out = decode_attention(q, k, v, mask)
+            out = one_query_attention(q, k, v, mask)
             return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
         if self.n_kv_heads != self.n_heads:
             repeats = self.n_heads // self.n_kv_heads
@@ -154,7 +154,7 @@ class Attention(nn.Module):
         return self.resid_dropout(self.wo(out))
 
 
-def decode_attention(q, k, v, mask):
+def one_query_attention(q, k, v, mask):
     """One query per row against the whole cache, written out so that inductor fuses it: the
     flash-attention kernel costs about 30 us a call on a CPU, whatever the size."""
     batch, n_heads, _, head_dim = q.shape
