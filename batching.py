@@ -154,32 +154,40 @@ class BatchEngine:
             self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
 
     def _run(self):
-        with torch.inference_mode():
-            while True:
-                with self.cond:
-                    while not self.rows and not self.waiting and not self.stopping:
-                        self.cond.wait()
-                    if self.stopping and not self.rows and not self.waiting:
-                        return
-                    self._drop_cancelled_waiting()
-                    joining = []
-                    while self.waiting and len(self.rows) + len(joining) < self.max_batch:
-                        joining.append(self.waiting.popleft())
-                try:
-                    for seq in joining:
-                        self._prefill(seq)
-                    self._free_rows()
-                    if self.rows:
-                        self._decode_step()
-                        self._free_rows()
-                except Exception as exc:  # a bug or out of memory: fail these stories, keep serving
-                    message = f"sampling failed: {type(exc).__name__}: {exc}"
-                    for seq in self.rows + joining:
-                        if not seq.cancelled:
-                            seq.on_event("error", message)
-                            seq.cancel()
-                    with self.cond:
-                        self.rows = []
+        while self._wait_for_work():
+            self.run_step()
+
+    def _wait_for_work(self) -> bool:
+        """Block until a request runs or waits; False once stopping and nothing is left."""
+        with self.cond:
+            while not self.rows and not self.waiting and not self.stopping:
+                self.cond.wait()
+            return not (self.stopping and not self.rows and not self.waiting)
+
+    @torch.inference_mode()
+    def run_step(self):
+        """One turn of the engine's loop (its thread calls it; a test may instead): waiting
+        requests join free rows with their prefill, then every running row samples one token."""
+        with self.cond:
+            self._drop_cancelled_waiting()
+            joining = []
+            while self.waiting and len(self.rows) + len(joining) < self.max_batch:
+                joining.append(self.waiting.popleft())
+        try:
+            for seq in joining:
+                self._prefill(seq)
+            self._free_rows()
+            if self.rows:
+                self._decode_step()
+                self._free_rows()
+        except Exception as exc:  # a bug or out of memory: fail these stories, keep serving
+            message = f"sampling failed: {type(exc).__name__}: {exc}"
+            for seq in self.rows + joining:
+                if not seq.cancelled:
+                    seq.on_event("error", message)
+                    seq.cancel()
+            with self.cond:
+                self.rows = []
 
     def _prefill(self, seq: Sequence):
         """The prompt through the model in the next free row (the row's own cache, positions
