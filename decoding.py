@@ -105,6 +105,7 @@ def load_for_sampling(model_path, tokenizer_path, device, dtype, quantize="none"
 
 @dataclass(frozen=True)
 class Sampling:
+    """One generation's sampling settings, with the generator its draws come from."""
     temperature: float = 1.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
