@@ -6,14 +6,13 @@ frees its row at once.
 Rows hold prompts of different lengths, so each row has its own position: the decode step is
 given a (rows, 1) position tensor (model.py's per-row input_pos) and writes each row's key and
 value at that row's position of one shared KV cache. The running rows are always rows 0..n-1 of
-the cache (a leaving row's slot is filled by moving the last row into it), so a step computes
-exactly the rows that run, on views of the cache, with no padding.
+the cache (RowCaches: a leaving row's slot is filled by moving the last row into it), so a step
+computes exactly the rows that run, on views of the cache, with no padding.
 
 The engine knows nothing of HTTP: a request is a Sequence, and the engine reports its tokens and
 its end through the Sequence's on_event callback, called from the engine's thread.
 """
 import collections
-import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from model import KVCache
+from decoding import decoder_for, row_count_settings
 from sampling import sample
 
 
@@ -60,26 +59,38 @@ class Sequence:
         self.cancelled = True
 
 
+class RowCaches:
+    """The model's KV cache with a row per running sequence, max_rows in all. The running rows
+    are kept packed as rows 0..n-1, so a step reads and writes views of just those rows."""
+
+    def __init__(self, model, max_rows):
+        self.model = model
+        model.setup_cache(max_rows, model.args.max_seq_len)
+        self.caches = [layer.attention.kv_cache for layer in model.layers]
+
+    def use(self, rows: slice):
+        """The model's next call reads and writes these rows of the cache."""
+        self.model.select_cache_rows(rows)
+
+    def move(self, source: int, dest: int):
+        """Row source's keys and values into row dest (a leaving row's slot refilled)."""
+        for cache in self.caches:
+            cache.copy_row(source, dest)
+
+
 class BatchEngine:
     def __init__(self, model, stop_ids, max_batch=16, max_queue=64, compile=False):
         self.model, self.stop_ids = model, frozenset(stop_ids)
         self.max_batch, self.max_queue = max_batch, max_queue
-        args = model.args
-        param = model.tok_embeddings.weight
-        self.device = param.device
-        self.context = args.max_seq_len
-        shape = (max_batch, args.n_kv_heads, args.max_seq_len, args.head_dim)
-        self.cache_k = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in model.layers]
-        self.cache_v = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in model.layers]
-        # the modules the model reads its cache from; their tensors are pointed at views of the
-        # shared cache before each call (a buffer reassigned, nothing copied)
-        for layer in model.layers:
-            layer.attention.kv_cache = KVCache(1, 1, 1, 1, param.dtype, param.device)
-        model.setup_classifier()
+        self.device = model.tok_embeddings.weight.device
+        self.context = model.args.max_seq_len
+        self.row_caches = RowCaches(model, max_batch)
+        self.decoder = decoder_for(model)
+        self.decoder.refresh_classifier()
         # the number of running rows changes from step to step: dynamic shapes, one compile
-        self.step_fn, self.compiled = model.decode_step, compile
+        self.step_fn, self.compiled = self.decoder.decode_step, compile
         if compile:
-            self.step_fn = torch.compile(model.decode_step, dynamic=True)
+            self.step_fn = torch.compile(self.decoder.decode_step, dynamic=True)
             self._warm_up()
         self.rows: List[Sequence] = []
         self.waiting = collections.deque()
@@ -90,13 +101,9 @@ class BatchEngine:
         self.rows_cancelled = 0  # rows freed before their story ended: clients gone, stop strings
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
 
-    def _compile_settings(self):
-        """torch.compile takes a module buffer's shape as fixed, and the cache's views are
-        module buffers whose row count changes: without this, every batch size compiles anew."""
-        if not self.compiled:
-            return contextlib.nullcontext()
-        return torch._dynamo.config.patch(force_nn_module_property_static_shapes=False,
-                                          force_parameter_static_shapes=False)
+    def _decode(self, tokens, positions):
+        with row_count_settings(self.compiled):
+            return self.step_fn(self.model, tokens, positions, compiled=self.compiled)
 
     def _warm_up(self):
         """Compile before the first request: torch.compile specialises a batch of 1 and
@@ -104,10 +111,9 @@ class BatchEngine:
         keys and values they write are overwritten by each row's prefill."""
         with torch.inference_mode():
             for rows in sorted({1, min(2, self.max_batch)}):
-                self._point_cache_at(slice(0, rows))
+                self.row_caches.use(slice(0, rows))
                 token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
-                with self._compile_settings():
-                    self.step_fn(token, position)
+                self._decode(token, position)
 
     # ---- the caller's side (any thread) ------------------------------------------------------
 
@@ -148,36 +154,40 @@ class BatchEngine:
             self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
 
     def _run(self):
-        with torch.inference_mode():
-            while True:
-                with self.cond:
-                    while not self.rows and not self.waiting and not self.stopping:
-                        self.cond.wait()
-                    if self.stopping and not self.rows and not self.waiting:
-                        return
-                    self._drop_cancelled_waiting()
-                    joining = []
-                    while self.waiting and len(self.rows) + len(joining) < self.max_batch:
-                        joining.append(self.waiting.popleft())
-                try:
-                    for seq in joining:
-                        self._prefill(seq)
-                    self._free_rows()
-                    if self.rows:
-                        self._decode_step()
-                        self._free_rows()
-                except Exception as exc:  # a bug or out of memory: fail these stories, keep serving
-                    message = f"sampling failed: {type(exc).__name__}: {exc}"
-                    for seq in self.rows + joining:
-                        if not seq.cancelled:
-                            seq.on_event("error", message)
-                            seq.cancel()
-                    with self.cond:
-                        self.rows = []
+        while self._wait_for_work():
+            self.run_step()
 
-    def _point_cache_at(self, rows: slice):
-        for layer, k, v in zip(self.model.layers, self.cache_k, self.cache_v):
-            layer.attention.kv_cache.k, layer.attention.kv_cache.v = k[rows], v[rows]
+    def _wait_for_work(self) -> bool:
+        """Block until a request runs or waits; False once stopping and nothing is left."""
+        with self.cond:
+            while not self.rows and not self.waiting and not self.stopping:
+                self.cond.wait()
+            return not (self.stopping and not self.rows and not self.waiting)
+
+    @torch.inference_mode()
+    def run_step(self):
+        """One turn of the engine's loop (its thread calls it; a test may instead): waiting
+        requests join free rows with their prefill, then every running row samples one token."""
+        with self.cond:
+            self._drop_cancelled_waiting()
+            joining = []
+            while self.waiting and len(self.rows) + len(joining) < self.max_batch:
+                joining.append(self.waiting.popleft())
+        try:
+            for seq in joining:
+                self._prefill(seq)
+            self._free_rows()
+            if self.rows:
+                self._decode_step()
+                self._free_rows()
+        except Exception as exc:  # a bug or out of memory: fail these stories, keep serving
+            message = f"sampling failed: {type(exc).__name__}: {exc}"
+            for seq in self.rows + joining:
+                if not seq.cancelled:
+                    seq.on_event("error", message)
+                    seq.cancel()
+            with self.cond:
+                self.rows = []
 
     def _prefill(self, seq: Sequence):
         """The prompt through the model in the next free row (the row's own cache, positions
@@ -190,9 +200,9 @@ class BatchEngine:
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
         # the last new token is never fed back in, so prompt + new - 1 positions must fit
         seq.max_new_tokens = min(seq.max_new_tokens, self.context - len(seq.prompt_ids) + 1)
-        self._point_cache_at(slice(row, row + 1))
+        self.row_caches.use(slice(row, row + 1))
         prompt = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        logits = self.model.prefill(prompt)
+        logits = self.decoder.prefill(prompt)
         seq.pos = len(seq.prompt_ids)
         with self.cond:
             self.rows.append(seq)
@@ -200,11 +210,10 @@ class BatchEngine:
 
     def _decode_step(self):
         rows = self.rows
-        self._point_cache_at(slice(0, len(rows)))
+        self.row_caches.use(slice(0, len(rows)))
         tokens = torch.tensor([[s.last] for s in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.pos] for s in rows], dtype=torch.long, device=self.device)
-        with self._compile_settings():
-            logits = self.step_fn(tokens, positions)
+        logits = self._decode(tokens, positions)
         for seq in rows:
             seq.pos += 1
         for indices, token_ids in self._sample_rows(logits):
@@ -260,8 +269,6 @@ class BatchEngine:
                 self.rows_cancelled += not self.rows[row].finished
                 last = len(self.rows) - 1
                 if row != last:
-                    for k, v in zip(self.cache_k, self.cache_v):
-                        k[row].copy_(k[last])
-                        v[row].copy_(v[last])
+                    self.row_caches.move(last, row)
                     self.rows[row] = self.rows[last]
                 self.rows.pop()

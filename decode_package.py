@@ -1,7 +1,7 @@
 """generate.py --compile's decode step, compiled ahead of time into an AOTInductor package.
 
 torch.compile repeats most of its work in every new process: with the weights folded into the
-graph (model.COMPILE_OPTIONS) inductor's cache cannot even hold the result, so a second run of
+graph (decoding.COMPILE_OPTIONS) inductor's cache cannot even hold the result, so a second run of
 a float32 model compiled again for about 20 s (docs/benchmarks.md). A package is compiled once,
 kept in a cache folder under a digest of everything that went into it (the weights as prepared
 for sampling, batch size, the sampling settings, torch, this code and the CPU), and loads in
@@ -22,8 +22,8 @@ import warnings
 import torch
 from torch import nn
 
-import model as model_module
 from cli import ToolError
+from decoding import COMPILE_OPTIONS, decoder_for, inductor_options
 from sampling import candidate_count
 
 # packaged with max_autotune, inductor's C++ GEMM templates gave stories260K wrong tokens from the
@@ -31,7 +31,7 @@ from sampling import candidate_count
 # against the eager step when built, and rebuilt without max_autotune if it disagrees
 CHECK_STEPS = 16
 
-CODE_FILES = ("model.py", "sampling.py", "quantize.py", "decode_package.py")
+CODE_FILES = ("model.py", "decoding.py", "sampling.py", "quantize.py", "decode_package.py")
 
 
 def cache_folder() -> str:
@@ -62,34 +62,35 @@ def package_key(model, batch, temperature, top_k, top_p) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     settings = [batch, temperature, top_k, top_p if temperature else None, torch.__version__,
-                sorted(model_module.COMPILE_OPTIONS.items()), cpu_features()]
+                sorted(COMPILE_OPTIONS.items()), cpu_features()]
     digest.update(json.dumps(settings, default=str).encode())
     return digest.hexdigest()[:24]
 
 
 class DecodeStep(nn.Module):
-    """What the package holds: model.decode_and_pick with the sampling settings fixed."""
+    """What the package holds: the model's compiled Decoder.decode_and_pick with the sampling
+    settings fixed."""
 
     def __init__(self, model, temperature, top_k, top_p):
         super().__init__()
         self.model, self.temperature, self.top_k, self.top_p = model, temperature, top_k, top_p
 
     def forward(self, token, input_pos, noise):
-        return self.model.decode_and_pick(token, input_pos, self.temperature, self.top_k, self.top_p,
-                                          noise if self.temperature else None)
+        return decoder_for(self.model).compiled_decode_and_pick(
+            self.model, token, input_pos, self.temperature, self.top_k, self.top_p, noise if self.temperature else None)
 
 
 def example_inputs(model, batch, temperature, top_k):
     device = model.tok_embeddings.weight.device
     token = torch.ones(batch, 1, dtype=torch.long, device=device)
-    # greedy takes no noise: a (batch, 1) placeholder, as model.generate passes it
+    # greedy takes no noise: a (batch, 1) placeholder, as decoding.generate passes it
     noise = torch.ones(batch, candidate_count(model.args.vocab_size, top_k) if temperature else 1, device=device)
     return token, torch.zeros(batch, 1, dtype=torch.long, device=device), noise
 
 
 def build(model, path, batch, temperature, top_k, top_p, options):
     model.setup_cache(batch, model.args.max_seq_len)
-    model.setup_classifier()
+    decoder_for(model).refresh_classifier()
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export's notes on its own internals, not the user's business
         program = torch.export.export(DecodeStep(model, temperature, top_k, top_p).eval(),
@@ -118,8 +119,8 @@ def agrees_with_eager(runner, model, batch, temperature, top_k, top_p) -> bool:
     for i in range(CHECK_STEPS):
         noise = torch.empty_like(noise).exponential_(generator=generator)
         ours = runner(ours.view(batch, 1), position + i, noise).view(batch, 1)
-        theirs = model.decode_and_pick(theirs, position + i, temperature, top_k, top_p,
-                                       noise if temperature else None).view(batch, 1)
+        theirs = decoder_for(model).decode_and_pick(model, theirs, position + i, temperature, top_k, top_p,
+                                                    noise if temperature else None).view(batch, 1)
         if not torch.equal(ours, theirs):
             return False
     return True
@@ -136,7 +137,7 @@ def load_or_build(model, batch, temperature, top_k, top_p, stream=None):
         print(f"compiling the decode step into {path}: once for this checkpoint and these settings "
               "(about a minute on 2 cores)", file=stream)
         start = time.perf_counter()
-        options = dict(model_module.COMPILE_OPTIONS) if model.tok_embeddings.weight.device.type == "cpu" else {}
+        options = inductor_options(model.tok_embeddings.weight.device)
         if not build(model, path, batch, temperature, top_k, top_p, options):
             print("note: the package disagreed with the eager step; compiling it again without max_autotune",
                   file=stream)

@@ -41,7 +41,8 @@ from cli import (DTYPE_NAMES, OneLineParser, UsageError, check_device, check_out
 from data_paths import LLAMA2_VOCAB_SIZE
 from dataset import InstructRows, check_token_ids, open_token_shard
 from demo_corpus import DEMO_ADJECTIVES, DEMO_NOUNS, DEMO_VERBS, verb_forms
-from generate import add_prompt_format_args, check_sampling_args, load_for_sampling, model_prompt_format, sample_stories
+from decoding import load_for_sampling, sample_stories
+from generate import add_prompt_format_args, check_sampling_args, model_prompt_format
 from prompts import FEATURE_PHRASES, build_prompt, canonical_feature, prompt_format, prompt_ids
 
 STORY_SEPARATOR = "<|endoftext|>"

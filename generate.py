@@ -14,11 +14,10 @@ import time
 import torch
 
 import decode_package
-from checkpoints import load_model, load_tokenizer_for
 from cli import (DTYPE_NAMES, OneLineParser, ToolError, UsageError, check_device, default_device, report_error,
-                 run_main, torch_dtype)
+                 run_main)
+from decoding import check_prompt_length, load_for_sampling, sample_stories
 from prompts import PROMPT_ENCODINGS, build_prompt, override_prompt_format, prompt_ids
-from quantize import quantize_int8
 
 
 def build_parser():
@@ -97,55 +96,6 @@ def check_fast_path_args(compile, no_kv_cache=False):
         raise UsageError("--compile compiles the KV-cache decode step: drop --no_kv_cache")
 
 
-def prepare_for_sampling(model, quantize="none"):
-    """The load-time steps of the fast path: wq/wk/wv and w1/w3 fused into one matmul each,
-    then the weights quantized if asked."""
-    model.fuse_projections()
-    if quantize == "int8":
-        quantize_int8(model)
-    return model
-
-
-def load_for_sampling(model_path, tokenizer_path, device, dtype, quantize="none"):
-    """(model, checkpoint, tokenizer) with the tokenizer checked against the model's vocab.
-    The model is for sampling only: its projections are fused (and maybe quantized)."""
-    model, ckpt = load_model(model_path, device=device, dtype=torch_dtype(dtype))
-    tokenizer = load_tokenizer_for(ckpt, tokenizer_path)
-    return prepare_for_sampling(model, quantize), ckpt, tokenizer
-
-
-def check_prompt_length(model, prompts):
-    longest = max(len(ids) for ids in prompts)
-    if longest >= model.args.max_seq_len:
-        raise UsageError(f"prompt is {longest} tokens; the model's context is {model.args.max_seq_len}")
-
-
-def sample_stories(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p,
-                   seed=None, use_cache=True, on_token=None, compile=False, package=None):
-    """Sample one continuation per prompt (token lists, of any lengths) as one batch; returns
-    one token list per prompt, cut before its stop token. on_token(step) sees every step."""
-    check_prompt_length(model, prompts)
-    device = model.tok_embeddings.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    lengths = [len(ids) for ids in prompts]
-    width = max(lengths)
-    batch = torch.tensor([ids + [0] * (width - len(ids)) for ids in prompts], dtype=torch.long, device=device)
-    stop_ids = (tokenizer.eos_id, tokenizer.bos_id)
-    steps = []
-    for step in model.generate(batch, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                               use_cache=use_cache, generator=generator, compile=compile, package=package,
-                               lengths=None if min(lengths) == width else lengths):
-        steps.append(step.tolist())
-        if on_token:
-            on_token(steps[-1])
-    samples = []
-    for i in range(len(prompts)):
-        tokens = [s[i] for s in steps]
-        cut = next((j for j, t in enumerate(tokens) if t in stop_ids), len(tokens))
-        samples.append(tokens[:cut])
-    return samples
-
-
 class TextStream:
     """Prints one sample's story as its tokens arrive. sentencepiece only knows where spaces go
     from context, so the text so far is decoded again and only its new end is printed."""
@@ -177,7 +127,7 @@ def main(argv=None):
         instruct = prompt_format["is_instruct"]
         ids = prompt_ids(tokenizer, text, instruct, prompt_format["prompt_encoding"])
         check_prompt_length(model, [ids])  # before the prompt is echoed: a refused one prints nothing
-        room = model.args.max_seq_len - len(ids) + 1  # what model.generate leaves after the prompt
+        room = model.args.max_seq_len - len(ids) + 1  # what decoding.generate leaves after the prompt
         if room < args.max_new_tokens:
             print(f"note: --max_new_tokens={args.max_new_tokens} is capped at {room}: the prompt takes {len(ids)} "
                   f"of the model's {model.args.max_seq_len}-token context", file=sys.stderr)

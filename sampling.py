@@ -3,7 +3,7 @@
 The draw is the exponential race: with one Exp(1) draw per candidate token, the token with the
 largest probability / draw is a sample from the probabilities. The draws come from the caller's
 generator, outside any compiled graph, and the rest is plain tensor arithmetic, so the sampler
-compiles into the same graph as the decode step (model.Transformer.decode_and_pick) and gives the
+compiles into the same graph as the decode step (decoding.Decoder.decode_and_pick) and gives the
 same tokens eager and compiled.
 """
 import torch

@@ -372,7 +372,7 @@ def serve(args):
     import torch
     import uvicorn
     from batching import BatchEngine
-    from generate import load_for_sampling
+    from decoding import load_for_sampling
 
     check_device(args.device)
     check_address(args.host, args.port)

@@ -13,8 +13,8 @@ Random weights in the published shapes (speed does not depend on what the weight
 stories15M (dim 288, 6 layers, 6 heads, hidden 768, vocab 32000, context 256) and stories110M
 (dim 768, 12 layers, 12 heads, hidden 2048, vocab 32000, context 1024). Greedy decoding with no
 stop ids, so every run makes exactly --new_tokens tokens from a 1-token prompt, through
-`Transformer.generate` (the path generate.py takes, with the weights prepared as
-`generate.prepare_for_sampling` does). Each figure is the best of --repeats runs after a
+`decoding.generate` (the path generate.py takes, with the weights prepared as
+`decoding.prepare_for_sampling` does). Each figure is the best of --repeats runs after a
 warm-up run (which, for a compiled variant, compiles; the package variants, generate.py
 --compile's AOTInductor package, are built first and not timed). Start-up is measured in fresh processes,
 from the process's start (import torch included) to its first compiled token: "cold" with an
@@ -38,7 +38,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import decode_package  # noqa: E402
-import model as model_module  # noqa: E402  (its COMPILE_OPTIONS are varied by --levers)
+import decoding  # noqa: E402  (its COMPILE_OPTIONS are varied by --levers)
+from decoding import fuse_projections, generate  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from checkpoints.llama2c import write_llama2c_q8, write_llama2c_v0  # noqa: E402
 from quantize import quantize_int8  # noqa: E402
@@ -64,7 +65,7 @@ def make_model(shape, device, dtype, quantize=None, fuse=True):
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**SHAPES[shape], vocab_size=32000)).to(device=device, dtype=dtype).eval()
     if fuse:
-        model.fuse_projections()
+        fuse_projections(model)
     if quantize == "int8":
         quantize_int8(model, stream=open(os.devnull, "w"))
     return model
@@ -85,10 +86,10 @@ def run_once(model, batch, new_tokens, use_cache, compile, device):
             runners[batch] = decode_package.load_or_build(model, batch, 0.0, None, 1.0, stream=open(os.devnull, "w"))
         sync(device)
         start = time.perf_counter()
-        steps = list(model.generate(prompt, new_tokens, temperature=0.0, stop_ids=(), package=runners[batch]))
+        steps = list(generate(model, prompt, new_tokens, temperature=0.0, stop_ids=(), package=runners[batch]))
     else:
-        steps = list(model.generate(prompt, new_tokens, temperature=0.0, stop_ids=(), use_cache=use_cache,
-                                    compile=compile))
+        steps = list(generate(model, prompt, new_tokens, temperature=0.0, stop_ids=(), use_cache=use_cache,
+                          compile=compile))
     sync(device)
     seconds = time.perf_counter() - start
     assert len(steps) == new_tokens, f"made {len(steps)} tokens, expected {new_tokens}"
@@ -102,14 +103,14 @@ def tokens_per_s(model, batch, new_tokens, use_cache, compile, device, repeats):
     return batch * new_tokens / seconds
 
 
-# --levers: the compiled decode step's inductor settings (model.COMPILE_OPTIONS), added one at a time
+# --levers: the compiled decode step's inductor settings (decoding.COMPILE_OPTIONS), added one at a time
 LEVERS = {"inductor's defaults": {},
           "+ cpp_wrapper": {"cpp_wrapper": True},
           "+ freezing": {"cpp_wrapper": True, "freezing": True},
-          "+ max_autotune (the default)": dict(model_module.COMPILE_OPTIONS),
+          "+ max_autotune (the default)": dict(decoding.COMPILE_OPTIONS),
           # an OpenMP region costs microseconds, as much as a decode step's small loops take
-          "+ loops under 4096 elements serial": dict(model_module.COMPILE_OPTIONS, **{"cpp.min_chunk_size": 4096}),
-          "+ generated kernels on 1 thread (matmuls keep 2)": dict(model_module.COMPILE_OPTIONS, **{"cpp.threads": 1})}
+          "+ loops under 4096 elements serial": dict(decoding.COMPILE_OPTIONS, **{"cpp.min_chunk_size": 4096}),
+          "+ generated kernels on 1 thread (matmuls keep 2)": dict(decoding.COMPILE_OPTIONS, **{"cpp.threads": 1})}
 
 
 def lever_table(shape, device, new_tokens, repeats, variants):
@@ -117,11 +118,11 @@ def lever_table(shape, device, new_tokens, repeats, variants):
           f"each set of inductor settings")
     names = [v for v in variants if VARIANTS[v][1] is True]
     print("| settings | " + " | ".join(LABELS[v] for v in names) + " |\n|---" * 1 + "|---" * len(names) + "|")
-    default = dict(model_module.COMPILE_OPTIONS)
+    default = dict(decoding.COMPILE_OPTIONS)
     try:
         for label, options in LEVERS.items():
-            model_module.COMPILE_OPTIONS.clear()
-            model_module.COMPILE_OPTIONS.update(options)
+            decoding.COMPILE_OPTIONS.clear()
+            decoding.COMPILE_OPTIONS.update(options)
             rates = []
             for name in names:
                 _, _, dtype, quantize = VARIANTS[name]
@@ -131,8 +132,8 @@ def lever_table(shape, device, new_tokens, repeats, variants):
                 torch.compiler.reset()
             print(f"| {label} | " + " | ".join(f"{r:.1f}" for r in rates) + " |")
     finally:
-        model_module.COMPILE_OPTIONS.clear()
-        model_module.COMPILE_OPTIONS.update(default)
+        decoding.COMPILE_OPTIONS.clear()
+        decoding.COMPILE_OPTIONS.update(default)
 
 
 def startup_seconds(shape, variant, device, cache_dir):
@@ -152,9 +153,9 @@ def print_first_token_time(shape, variant, device):
     prompt = torch.ones(1, 1, dtype=torch.long, device=device)
     if compile == "package":  # built (cold) or loaded (warm) as generate.py --compile does
         package = decode_package.load_or_build(model, 1, 0.0, None, 1.0, stream=open(os.devnull, "w"))
-        steps = model.generate(prompt, 2, temperature=0.0, package=package)
+        steps = generate(model, prompt, 2, temperature=0.0, package=package)
     else:
-        steps = model.generate(prompt, 2, temperature=0.0, compile=True)
+        steps = generate(model, prompt, 2, temperature=0.0, compile=True)
     next(steps), next(steps)  # the prompt's token, then the first one after it
     sync(device)
     print(time.time())
@@ -206,7 +207,7 @@ def main(argv=None):
     p.add_argument("--no_compile_time", action="store_true", help="skip the cold/warm start-up timing")
     p.add_argument("--llama2c", help="a llama2.c checkout: build and time its run.c and runq.c beside ours")
     p.add_argument("--profile", action="store_true", help="also profile one eager cached batch-1 run")
-    p.add_argument("--levers", action="store_true", help="only the table of inductor settings (model.COMPILE_OPTIONS)")
+    p.add_argument("--levers", action="store_true", help="only the table of inductor settings (decoding.COMPILE_OPTIONS)")
     p.add_argument("--_first_token", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -11,6 +11,7 @@ from checkpoints import (CheckpointError, base_reference, checkpoint_sha256, loa
                          model_args_dict, save_checkpoint)
 from lora import apply_lora, lora_state_dict, merged_state_dict
 from model import ModelArgs, Transformer
+from decoding import generate
 from tokenizer import Tokenizer
 
 BOS = 1
@@ -24,7 +25,7 @@ def assert_one_line_error(path, exc_info):
 
 def greedy(model, n=20, batch=1):
     prompt = torch.full((batch, 1), BOS)
-    return torch.stack(list(model.generate(prompt, n, temperature=0)), dim=1)
+    return torch.stack(list(generate(model, prompt, n, temperature=0)), dim=1)
 
 
 # ---- real llama2.c files ---------------------------------------------------------------------
@@ -138,7 +139,7 @@ def test_seed_format_samples_as_its_merged_weights(seed_file, shared_data):
     reference.eval()
     loaded, _ = load_model(seed_file)
     prompt = torch.full((3, 1), BOS)
-    runs = [torch.stack(list(m.generate(prompt, 60, temperature=1.0, top_k=40,
+    runs = [torch.stack(list(generate(m, prompt, 60, temperature=1.0, top_k=40,
                                         generator=torch.Generator().manual_seed(42))), dim=1)
             for m in (loaded, reference)]
     assert torch.equal(runs[0], runs[1])

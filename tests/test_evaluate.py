@@ -200,18 +200,18 @@ def test_a_word_in_both_lists_counts_for_the_role_asked_for():
 def test_compare_asks_every_model_the_same_token_sequences(shared_data, tmp_path, monkeypatch):
     """A plain base and its instruct fine-tune (story_words) are scored on the same prompt ids."""
     from checkpoints import save_checkpoint
-    from model import Transformer
+    from decoding import Decoder
     base = os.path.join(shared_data, "stories260K.pt")
     obj = torch.load(base, weights_only=True)
     tuned = str(tmp_path / "tuned.pt")
     config = {**obj["config"], "dataset": "instruct", "prompt_encoding": "story_words"}
     save_checkpoint(tuned, {**obj, "config": config})
-    seen, real = [], Transformer.generate
+    seen, real = [], Decoder.generate
 
     def recording(self, prompt, *args, **kwargs):
         seen.append(prompt.tolist())
         return real(self, prompt, *args, **kwargs)
-    monkeypatch.setattr(Transformer, "generate", recording)
+    monkeypatch.setattr(Decoder, "generate", recording)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"verb": "play", "noun": "ball", "adjective": "red"}\n')
     assert evaluate.main(["--compare", base, tuned, f"--prompts_file={prompts}", "--max_new_tokens=3",

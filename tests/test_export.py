@@ -17,6 +17,7 @@ from checkpoints import CheckpointError, load_checkpoint, load_model, model_args
 from checkpoints import gguf_file, huggingface, llama2c  # noqa: E402
 from checkpoints.huggingface import hf_permute_qk, hf_unpermute_qk  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from decoding import generate  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,7 @@ def run_export(*argv):
 
 
 def greedy(model, n_tokens, prompt=(1,)):
-    out = model.generate(torch.tensor([list(prompt)]), n_tokens, temperature=0)
+    out = generate(model, torch.tensor([list(prompt)]), n_tokens, temperature=0)
     return [int(t) for t in out]
 
 

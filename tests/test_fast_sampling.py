@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 import decode_package
 import generate
 from checkpoints import load_model
+from decoding import decoder_for, fuse_projections, generate as decode, prepare_for_sampling
 from docs_reference import greedy_story
 from model import ModelArgs, Transformer
 from evaluate import Request, run_requests
@@ -30,11 +31,11 @@ BOS = 1
 
 def stories260K(shared_data, quantize="none"):
     model, _ = load_model(os.path.join(shared_data, "stories260K.pt"))
-    return generate.prepare_for_sampling(model, quantize)
+    return prepare_for_sampling(model, quantize)
 
 
 def greedy(model, prompt, n, **kwargs):
-    return torch.stack(list(model.generate(prompt, n, temperature=0, **kwargs)), dim=1)
+    return torch.stack(list(decode(model, prompt, n, temperature=0, **kwargs)), dim=1)
 
 
 # ---- the compiled decode step ----------------------------------------------------------------
@@ -42,7 +43,7 @@ def greedy(model, prompt, n, **kwargs):
 def test_compiled_stories260K_prints_the_published_story_without_recompiling(shared_data):
     model = stories260K(shared_data)
     eager = greedy(model, torch.tensor([[BOS]]), 200)
-    steps = model.generate(torch.tensor([[BOS]]), 200, temperature=0, compile=True)
+    steps = decode(model, torch.tensor([[BOS]]), 200, temperature=0, compile=True)
     before = counters["stats"]["unique_graphs"]
     compiled = [next(steps), next(steps)]  # the prompt's prefill (eager), then the first decode step
     assert counters["stats"]["unique_graphs"] == before + 1
@@ -68,15 +69,16 @@ def test_compiled_matches_eager_on_a_random_stories15M_shaped_model():
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 p.normal_(0, 0.1)
-    model.fuse_projections()
+    fuse_projections(model)
     prompts = torch.randint(3, 32000, (3, 5), generator=torch.Generator().manual_seed(1))
     eager = greedy(model, prompts, 24)
     assert len({tuple(r) for r in eager.tolist()}) == 3
     assert torch.equal(greedy(model, prompts, 24, compile=True), eager)
     # compiled, the 32,000 logits are ranked in bfloat16 and only the best candidates' computed
-    # exactly (model.RANKED_SPARE): top-k draws from the same noise still pick the same tokens
-    assert model.ranker is not None and model.ranker.dtype == torch.bfloat16
-    drawn = [torch.stack(list(model.generate(prompts, 24, temperature=0.8, top_k=10, compile=compile,
+    # exactly (decoding.RANKED_SPARE): top-k draws from the same noise still pick the same tokens
+    ranker = decoder_for(model).ranker
+    assert ranker is not None and ranker.dtype == torch.bfloat16
+    drawn = [torch.stack(list(decode(model, prompts, 24, temperature=0.8, top_k=10, compile=compile,
                                              generator=torch.Generator().manual_seed(5))), dim=1)
              for compile in (False, True)]
     assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], eager)

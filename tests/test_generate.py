@@ -10,6 +10,7 @@ import torch
 
 import generate
 from checkpoints import save_checkpoint
+from decoding import Decoder
 from docs_reference import ROOT, greedy_story, readme_prompt
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
@@ -156,15 +157,15 @@ def test_usage_errors(shared_data, tok512, tmp_path, capsys):
 
 @pytest.fixture
 def record_prompts(monkeypatch):
-    """Run generate.main in-process and keep the prompt batch handed to Transformer.generate."""
+    """Run generate.main in-process and keep the prompt batch handed to Decoder.generate."""
     seen = []
-    real = Transformer.generate
+    real = Decoder.generate
 
     def recording(self, prompt, max_new_tokens, *args, **kwargs):
         seen.append(prompt.tolist())
         return real(self, prompt, min(max_new_tokens, 3), *args, **kwargs)
 
-    monkeypatch.setattr(Transformer, "generate", recording)
+    monkeypatch.setattr(Decoder, "generate", recording)
     return seen
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from docs_reference import greedy_story, hidden_dim_examples, model_table, param_counts
+from decoding import decoder_for, generate
 from model import ModelArgs, Transformer
 from sampling import sample
 
@@ -89,7 +90,7 @@ def test_stories260K_greedy_reproduces_llama2c(shared_data, filename, use_cache)
     expected = greedy_story()
     model, _ = load_model(os.path.join(shared_data, filename))
     tokenizer = Tokenizer(os.path.join(shared_data, "tok512.model"))
-    steps = list(model.generate(torch.tensor([[BOS]]), 200, temperature=0.0, use_cache=use_cache))
+    steps = list(generate(model, torch.tensor([[BOS]]), 200, temperature=0.0, use_cache=use_cache))
     ids = [int(s) for s in steps]
     assert len(ids) == 200
     assert tokenizer.decode(ids) == expected
@@ -194,8 +195,8 @@ def test_kv_cache_matches_no_cache_for_a_batch_of_different_prompts(n_kv_heads):
     model = random_model(seed=10 + n_kv_heads, n_kv_heads=n_kv_heads)
     prompts = torch.randint(3, 97, (4, 7), generator=torch.Generator().manual_seed(3))
     n = 40
-    cached = torch.stack(list(model.generate(prompts, n, temperature=0, use_cache=True)), dim=1)
-    plain = torch.stack(list(model.generate(prompts, n, temperature=0, use_cache=False)), dim=1)
+    cached = torch.stack(list(generate(model, prompts, n, temperature=0, use_cache=True)), dim=1)
+    plain = torch.stack(list(generate(model, prompts, n, temperature=0, use_cache=False)), dim=1)
     reference = greedy_without_model_generate(model, prompts, n)
     assert cached.shape == (4, n)
     assert torch.equal(cached, plain)
@@ -204,7 +205,7 @@ def test_kv_cache_matches_no_cache_for_a_batch_of_different_prompts(n_kv_heads):
     assert len({tuple(r) for r in cached.tolist()}) == 4
     # each row as it comes out alone
     for i in range(4):
-        alone = torch.stack(list(model.generate(prompts[i:i + 1], n, temperature=0)), dim=1)
+        alone = torch.stack(list(generate(model, prompts[i:i + 1], n, temperature=0)), dim=1)
         assert torch.equal(alone[0], cached[i])
 
 
@@ -215,11 +216,12 @@ def test_chunked_prefill_after_cached_prefix_matches_full_forward(n_kv_heads):
     with torch.no_grad():
         full = model(tokens, all_logits=True)[0]
         model.setup_cache(3, 32)
-        model.setup_classifier()
+        decoder = decoder_for(model)
+        decoder.refresh_classifier()
         try:
-            first = model.prefill(tokens[:, :6])                             # positions 0..5
+            first = decoder.prefill(tokens[:, :6])                           # positions 0..5
             chunk = model(tokens[:, 6:15], input_pos=torch.arange(6, 15), all_logits=True)[0]
-            steps = [model.decode_step(tokens[:, p:p + 1], torch.tensor([p])) for p in range(15, 20)]
+            steps = [decoder.decode_step(model, tokens[:, p:p + 1], torch.tensor([p])) for p in range(15, 20)]
         finally:
             model.clear_cache()
     # float32 rounding differs between one long and several short attention calls: 1e-4
@@ -233,9 +235,9 @@ def test_chunked_prefill_after_cached_prefix_matches_full_forward(n_kv_heads):
 def test_generate_stops_each_sample_at_a_stop_id_and_ends_when_all_stopped():
     model = random_model(seed=7)
     prompts = torch.randint(3, 97, (3, 5), generator=torch.Generator().manual_seed(8))
-    free = torch.stack(list(model.generate(prompts, 30, temperature=0)), dim=1)
+    free = torch.stack(list(generate(model, prompts, 30, temperature=0)), dim=1)
     stop = int(free[1, 3])  # row 1 produces this id at step 3 (other rows may too, maybe later)
-    out = torch.stack(list(model.generate(prompts, 30, temperature=0, stop_ids=[stop])), dim=1)
+    out = torch.stack(list(generate(model, prompts, 30, temperature=0, stop_ids=[stop])), dim=1)
     for row, ref in zip(out.tolist(), free.tolist()):
         first = ref.index(stop) if stop in ref else None
         if first is None:
@@ -251,8 +253,8 @@ def test_generate_fills_the_context_and_never_runs_past_it():
     """16 positions, a 10-token prompt: 7 new tokens, since the 7th is never fed back in."""
     model = random_model(seed=9, max_seq_len=16)
     prompt = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(9))
-    full = torch.stack(list(model.generate(prompt, 50, temperature=0, use_cache=False)), dim=1)
-    cached = torch.stack(list(model.generate(prompt, 50, temperature=0, use_cache=True)), dim=1)
+    full = torch.stack(list(generate(model, prompt, 50, temperature=0, use_cache=False)), dim=1)
+    cached = torch.stack(list(generate(model, prompt, 50, temperature=0, use_cache=True)), dim=1)
     assert full.shape == (2, 7)
     assert torch.equal(cached, full)
     # the 7th token is the argmax after all 16 positions, as the full forward pass sees it
@@ -310,7 +312,7 @@ def test_seeded_generator_is_reproducible():
     assert not torch.equal(a, c)
     model = random_model(seed=11)
     prompt = torch.tensor([[BOS]] * 3)
-    runs = [torch.stack(list(model.generate(prompt, 30, temperature=1.0, top_k=20,
+    runs = [torch.stack(list(generate(model, prompt, 30, temperature=1.0, top_k=20,
                                             generator=torch.Generator().manual_seed(s))), dim=1)
             for s in (5, 5, 6)]
     assert torch.equal(runs[0], runs[1])
@@ -320,7 +322,7 @@ def test_seeded_generator_is_reproducible():
 def test_sampling_with_cache_equals_sampling_without():
     model = random_model(seed=12)
     prompt = torch.randint(3, 97, (3, 4), generator=torch.Generator().manual_seed(12))
-    runs = [torch.stack(list(model.generate(prompt, 30, temperature=0.8, top_p=0.9, use_cache=c,
+    runs = [torch.stack(list(generate(model, prompt, 30, temperature=0.8, top_p=0.9, use_cache=c,
                                             generator=torch.Generator().manual_seed(0))), dim=1)
             for c in (True, False)]
     assert torch.equal(runs[0], runs[1])

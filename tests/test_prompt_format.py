@@ -10,7 +10,7 @@ import evaluate
 import export
 import generate
 from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from model import Transformer
+from decoding import Decoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,15 +24,15 @@ EXPORTS = [("llama2c-v0", "model.bin"), ("llama2c-v1", "model_v1.bin"), ("llama2
 
 @pytest.fixture
 def record_prompts(monkeypatch):
-    """Keep every prompt batch generate.py hands to Transformer.generate."""
+    """Keep every prompt batch generate.py hands to Decoder.generate."""
     seen = []
-    real = Transformer.generate
+    real = Decoder.generate
 
     def recording(self, prompt, *args, **kwargs):
         seen.append(prompt.tolist())
         return real(self, prompt, *args, **kwargs)
 
-    monkeypatch.setattr(Transformer, "generate", recording)
+    monkeypatch.setattr(Decoder, "generate", recording)
     return seen
 
 

@@ -315,7 +315,7 @@ def test_health_answers_after_the_bad_requests(stories_server):
 # ---- instruct models: /v1/stories and the page ------------------------------------------------
 
 def test_stories_endpoint_words_the_prompt_as_generate_does(instruct_server, instruct_model):
-    from generate import load_for_sampling, sample_stories
+    from decoding import load_for_sampling, sample_stories
     from prompts import build_prompt, prompt_ids
     model, ckpt, tokenizer = load_for_sampling(instruct_model, None, "cpu", "float32")
     ids = prompt_ids(tokenizer, build_prompt("climb", "ring", "messy", ["Dialogue"]), True, ckpt.prompt_encoding)
