@@ -93,8 +93,11 @@ def tiny_model(seed=0, std=None, **overrides):
     return model.eval()
 
 
-def stories260K_path(kind="pt"):
-    return os.path.join(TEST_DATA, f"stories260K.{kind}")
+def greedy(model, n, prompt=None, **kwargs):
+    """n greedy tokens after prompt (default: a lone BOS), through decoding.generate: (batch, n)."""
+    from decoding import generate
+    prompt = torch.tensor([[BOS]]) if prompt is None else prompt
+    return torch.stack(list(generate(model, prompt, n, temperature=0, **kwargs)), dim=1)
 
 
 def write_tiny_tokenizer(folder, vocab_size=40):

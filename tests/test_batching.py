@@ -10,7 +10,7 @@ import pytest
 from batching import BatchEngine, QueueFull, Sequence, ShuttingDown
 from checkpoints import load_model
 from decoding import prepare_for_sampling, sample_stories
-from tests.conftest import TEST_DATA
+from helpers import TEST_DATA
 from tokenizer import Tokenizer
 
 # prompts of different lengths: rows at different positions in one decode step

@@ -9,23 +9,13 @@ import torch
 
 from checkpoints import (CheckpointError, base_reference, checkpoint_sha256, load_checkpoint, load_model,
                          model_args_dict, save_checkpoint)
+from decoding import generate
+from helpers import assert_refused, greedy
 from lora import apply_lora, lora_state_dict, merged_state_dict
 from model import ModelArgs, Transformer
-from decoding import generate
 from tokenizer import Tokenizer
 
 BOS = 1
-
-
-def assert_one_line_error(path, exc_info):
-    message = str(exc_info.value)
-    assert "\n" not in message.strip(), message
-    assert str(path) in message, message
-
-
-def greedy(model, n=20, batch=1):
-    prompt = torch.full((batch, 1), BOS)
-    return torch.stack(list(generate(model, prompt, n, temperature=0)), dim=1)
 
 
 # ---- real llama2.c files ---------------------------------------------------------------------
@@ -52,7 +42,7 @@ def test_orig_mod_prefix_from_torch_compile_loads(shared_data, tmp_path):
     model, ckpt = load_model(str(path))
     assert set(ckpt.state_dict) == set(raw["model"])
     plain, _ = load_model(os.path.join(shared_data, "stories260K.pt"))
-    assert torch.equal(greedy(model), greedy(plain))
+    assert torch.equal(greedy(model, 20), greedy(plain, 20))
 
 
 def test_own_checkpoint_round_trip(tmp_path):
@@ -189,7 +179,7 @@ def test_hostile_pickles_are_refused_and_never_run(tmp_path):
     for path in hostile_files(tmp_path, marker):
         with pytest.raises(CheckpointError) as info:
             load_checkpoint(str(path))
-        assert_one_line_error(path, info)
+        assert_refused(info, path)
         assert not marker.exists(), path
 
 
@@ -221,7 +211,7 @@ def test_broken_files_give_a_one_line_error_naming_the_file(shared_data, tmp_pat
     for path in broken + [text, short_text, empty, tmp_path / "missing.pt", tmp_path]:
         with pytest.raises(CheckpointError) as info:
             load_model(str(path))
-        assert_one_line_error(path, info)
+        assert_refused(info, path)
 
 
 # ---- atomic saving ---------------------------------------------------------------------------
@@ -319,7 +309,7 @@ def test_weights_that_do_not_fit_model_args_are_refused_by_every_reader(tmp_path
         torch.save({"model": weights, "model_args": vars(args)}, path)
         with pytest.raises(CheckpointError, match=re.escape(fragment)) as info:
             load_checkpoint(path)
-        assert_one_line_error(path, info)
+        assert_refused(info, path)
 
 
 def test_adapter_naming_itself_as_its_base_is_refused(tmp_path):
@@ -327,7 +317,7 @@ def test_adapter_naming_itself_as_its_base_is_refused(tmp_path):
     torch.save({"kind": "lora_adapter", "base_checkpoint": path, "lora": {}, "lora_alpha": 1.0}, path)
     with pytest.raises(CheckpointError, match="names itself") as info:
         load_checkpoint(path)
-    assert_one_line_error(path, info)
+    assert_refused(info, path)
 
 
 def test_shipped_test_data_is_what_its_sources_say(shared_data):
@@ -395,7 +385,7 @@ def test_adapter_whose_every_base_changed_is_refused(tmp_path):
     tiny_base(tmp_path / "base.pt", seed=2)
     with pytest.raises(CheckpointError, match="sha256 differs") as info:
         load_checkpoint(str(tmp_path / "adapter.pt"))
-    assert_one_line_error(tmp_path / "adapter.pt", info)
+    assert_refused(info, tmp_path / "adapter.pt")
 
 
 def test_a_folder_bases_hash_covers_its_model_files_only(shared_data, tmp_path):

@@ -17,10 +17,9 @@ from checkpoints import CheckpointError, load_checkpoint, load_model, model_args
 from checkpoints import gguf_file, huggingface, llama2c  # noqa: E402
 from checkpoints.huggingface import hf_permute_qk, hf_unpermute_qk  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from decoding import generate  # noqa: E402
+from helpers import ROOT, greedy  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # dim 48 / 6 heads: head_dim 8; hidden 128 so that Q8_0 groups of 16 divide both
 GQA = dict(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=320, hidden_dim=128, max_seq_len=64)
@@ -34,11 +33,6 @@ EDGE_TEXTS = ["a  b", " a ", "   ", "", "x  ", " Lily  said\n\n  hello ", "\t ta
 
 def run_export(*argv):
     return export.main(list(argv))
-
-
-def greedy(model, n_tokens, prompt=(1,)):
-    out = generate(model, torch.tensor([list(prompt)]), n_tokens, temperature=0)
-    return [int(t) for t in out]
 
 
 def architecture(args):
@@ -114,7 +108,7 @@ def test_llama2c_float_round_trip_stories260K(shared_data, tmp_path, fmt):
     assert back.kind == {"llama2c-v0": "llama2c_bin_v0", "llama2c-v1": "llama2c_bin_v1"}[fmt]
     assert architecture(back.model_args) == architecture(source.model_args)
     same_weights(back.state_dict, source.state_dict)
-    assert greedy(back_model, 100) == greedy(source_model, 100)
+    assert greedy(back_model, 100)[0].tolist() == greedy(source_model, 100)[0].tolist()
 
 
 @pytest.mark.parametrize("fmt", ["llama2c-v0", "llama2c-v1"])
@@ -125,7 +119,7 @@ def test_llama2c_float_round_trip_gqa(gqa_checkpoint, tmp_path, fmt):
     back_model, back = load_model(str(out))
     assert architecture(back.model_args) == architecture(source.model_args)
     same_weights(back.state_dict, source.state_dict)
-    assert greedy(back_model, 40) == greedy(source_model, 40)
+    assert greedy(back_model, 40)[0].tolist() == greedy(source_model, 40)[0].tolist()
     assert (tmp_path / "tiny.bin").is_file()  # tokenizer.bin named after tiny.model
 
 
@@ -163,7 +157,7 @@ def test_q8_round_trip_stories260K(shared_data, tmp_path):
     source_model, source = load_model(os.path.join(shared_data, "stories260K.pt"))
     max_error, mean_error, group_size = check_q8_file(out, source)
     back_model, _ = load_model(str(out))
-    ours, theirs = greedy(source_model, 100), greedy(back_model, 100)
+    ours, theirs = greedy(source_model, 100)[0].tolist(), greedy(back_model, 100)[0].tolist()
     agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
     print(f"\nstories260K Q8_0 (group size {group_size}): max abs error {max_error:.3e}, "
           f"mean {mean_error:.3e}; greedy tokens agree for the first {agree} of 100")
@@ -240,7 +234,7 @@ def test_hf_export_stories260K_loads_in_transformers(shared_data, tmp_path):
     assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()  # tied
     prompt = torch.tensor([[1]])
     hf_tokens = theirs.generate(prompt, max_new_tokens=100, do_sample=False)[0, 1:].tolist()
-    assert hf_tokens == greedy(ours, 100)
+    assert hf_tokens == greedy(ours, 100)[0].tolist()
 
 
 def test_hf_tokenizer_encodes_like_sentencepiece_tok512(shared_data, tmp_path):
@@ -416,7 +410,7 @@ def test_gguf_loads_in_transformers_stories260K(shared_data, tmp_path):
     theirs, ours, difference = hf_logits_match(tmp_path, source, tokens, gguf_file="model.gguf")
     assert difference < 1e-4
     hf_tokens = theirs.generate(torch.tensor([[1]]), max_new_tokens=100, do_sample=False)[0, 1:].tolist()
-    assert hf_tokens == greedy(ours, 100)
+    assert hf_tokens == greedy(ours, 100)[0].tolist()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
     sp_tokenizer = Tokenizer(os.path.join(shared_data, "tok512.model"))
     with open(os.path.join(shared_data, "tinystories_valid_head.txt"), encoding="utf-8") as f:

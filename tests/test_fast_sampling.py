@@ -16,15 +16,13 @@ import decode_package
 import generate
 from checkpoints import load_model
 from decoding import decoder_for, fuse_projections, generate as decode, prepare_for_sampling
-from docs_reference import greedy_story
 from model import ModelArgs, Transformer
 from evaluate import Request, run_requests
+from helpers import ROOT, assert_refused, greedy, greedy_story, run_main
 from prompts import prompt_format
 from quantize import Int8Linear, quantize_int8
 from sampling import exponential_noise, pick_token, sample
-from tests.conftest import ROOT
 from tokenizer import Tokenizer
-from test_generate import assert_usage_error, run_main
 
 BOS = 1
 
@@ -34,15 +32,11 @@ def stories260K(shared_data, quantize="none"):
     return prepare_for_sampling(model, quantize)
 
 
-def greedy(model, prompt, n, **kwargs):
-    return torch.stack(list(decode(model, prompt, n, temperature=0, **kwargs)), dim=1)
-
-
 # ---- the compiled decode step ----------------------------------------------------------------
 
 def test_compiled_stories260K_prints_the_published_story_without_recompiling(shared_data):
     model = stories260K(shared_data)
-    eager = greedy(model, torch.tensor([[BOS]]), 200)
+    eager = greedy(model, 200, torch.tensor([[BOS]]))
     steps = decode(model, torch.tensor([[BOS]]), 200, temperature=0, compile=True)
     before = counters["stats"]["unique_graphs"]
     compiled = [next(steps), next(steps)]  # the prompt's prefill (eager), then the first decode step
@@ -50,7 +44,7 @@ def test_compiled_stories260K_prints_the_published_story_without_recompiling(sha
     # every later position reuses that one graph: a recompile would raise here
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled += list(steps)
-        again = greedy(model, torch.tensor([[BOS]]), 200, compile=True)  # a new cache, same shapes
+        again = greedy(model, 200, torch.tensor([[BOS]]), compile=True)  # a new cache, same shapes
     ids = torch.stack(compiled, dim=1)
     assert ids.shape == (1, 200)
     assert torch.equal(ids, eager) and torch.equal(again, eager)
@@ -71,9 +65,9 @@ def test_compiled_matches_eager_on_a_random_stories15M_shaped_model():
                 p.normal_(0, 0.1)
     fuse_projections(model)
     prompts = torch.randint(3, 32000, (3, 5), generator=torch.Generator().manual_seed(1))
-    eager = greedy(model, prompts, 24)
+    eager = greedy(model, 24, prompts)
     assert len({tuple(r) for r in eager.tolist()}) == 3
-    assert torch.equal(greedy(model, prompts, 24, compile=True), eager)
+    assert torch.equal(greedy(model, 24, prompts, compile=True), eager)
     # compiled, the 32,000 logits are ranked in bfloat16 and only the best candidates' computed
     # exactly (decoding.RANKED_SPARE): top-k draws from the same noise still pick the same tokens
     ranker = decoder_for(model).ranker
@@ -118,8 +112,8 @@ def test_generate_compile_builds_a_checked_package_once_and_a_second_run_loads_i
     print the published greedy story, as the eager run does."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     args = [f"--model_path={shared_data}/stories260K.pt", "--temperature=0", "--max_new_tokens=200", "--device=cpu"]
-    eager = run_main(capsys, *args)
-    first, second = run_main(capsys, *args, "--compile"), run_main(capsys, *args, "--compile")
+    eager = run_main(generate.main, capsys, *args)
+    first, second = run_main(generate.main, capsys, *args, "--compile"), run_main(generate.main, capsys, *args, "--compile")
     assert eager.returncode == first.returncode == second.returncode == 0, first.stderr
     assert first.stdout == second.stdout == eager.stdout and eager.stdout.strip() == greedy_story().strip()
     assert "compiling the decode step" in first.stderr and "without max_autotune" in first.stderr
@@ -201,8 +195,8 @@ def test_int8_stories260K_keeps_the_greedy_story_and_logits_close(shared_data, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "172" in err[0] and "multiple of 16" in err[0], err
 
-    ref_ids = greedy(reference, torch.tensor([[BOS]]), 200)
-    ids = greedy(model, torch.tensor([[BOS]]), 200)
+    ref_ids = greedy(reference, 200, torch.tensor([[BOS]]))
+    ids = greedy(model, 200, torch.tensor([[BOS]]))
     assert torch.equal(ids[:, :50], ref_ids[:, :50])
     # per-token logits along the float32 model's story (measured: max 0.39 of logits up to 22)
     tokens = torch.cat((torch.tensor([[BOS]]), ref_ids), dim=1)
@@ -250,16 +244,16 @@ def test_quantize_says_once_which_shapes_fall_back():
 def test_cli_int8_bfloat16_and_flag_errors(shared_data, capsys):
     model = os.path.join(shared_data, "stories260K.pt")
     story = greedy_story()
-    result = run_main(capsys, f"--model_path={model}", "--temperature=0", "--max_new_tokens=60",
+    result = run_main(generate.main, capsys, f"--model_path={model}", "--temperature=0", "--max_new_tokens=60",
                       "--device=cpu", "--quantize=int8")
     assert result.returncode == 0, result.stderr
     # the first 50 tokens are the float32 story's, so its first line matches in full
     assert result.stdout.startswith(story.split("\n")[0][:100])
     assert "int8 weights" in result.stderr and result.stderr.count("int8: ") == 1
-    result = run_main(capsys, f"--model_path={model}", "--temperature=0", "--max_new_tokens=30",
+    result = run_main(generate.main, capsys, f"--model_path={model}", "--temperature=0", "--max_new_tokens=30",
                       "--device=cpu", "--dtype=bfloat16")
     assert result.returncode == 0, result.stderr
-    assert_usage_error(run_main(capsys, f"--model_path={model}", "--compile", "--no_kv_cache",
-                                "--device=cpu"), "--compile", "--no_kv_cache")
-    assert_usage_error(run_main(capsys, f"--model_path={model}", "--quantize=int4", "--device=cpu"),
-                       "--quantize")
+    assert_refused(run_main(generate.main, capsys, f"--model_path={model}", "--compile", "--no_kv_cache",
+                                "--device=cpu"), "--compile", "--no_kv_cache", stdout_empty=True)
+    assert_refused(run_main(generate.main, capsys, f"--model_path={model}", "--quantize=int4", "--device=cpu"),
+                       "--quantize", stdout_empty=True)

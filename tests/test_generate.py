@@ -2,8 +2,6 @@
 errors), plus in-process checks of which token ids the model is given."""
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,29 +9,12 @@ import torch
 import generate
 from checkpoints import save_checkpoint
 from decoding import Decoder
-from docs_reference import ROOT, greedy_story, readme_prompt
+from helpers import assert_refused, greedy_story, readme_prompt, run_main, run_script
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
 BOS = 1
 SUMMARY = re.compile(r"generated (\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\b")
-
-
-def run_cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-
-
-def assert_usage_error(result, *must_mention):
-    """Exit code 2, nothing on stdout, a single line on stderr, naming what went wrong."""
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for word in must_mention:
-        assert str(word) in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture
@@ -58,7 +39,7 @@ def test_cli_greedy_stories260K_prints_the_published_story(shared_data, tok512, 
     expected = greedy_story()
     # the .pt finds tok512.model beside itself; the .bin is given it explicitly
     tokenizer = [] if filename.endswith(".pt") else [f"--tokenizer={tok512}"]
-    result = run_cli(f"--model_path={os.path.join(shared_data, filename)}", "--temperature=0",
+    result = run_script("generate.py", f"--model_path={os.path.join(shared_data, filename)}", "--temperature=0",
                      "--max_new_tokens=200", "--device=cpu", *tokenizer, *extra)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
@@ -69,7 +50,7 @@ def test_cli_greedy_stories260K_prints_the_published_story(shared_data, tok512, 
 
 
 def test_cli_num_samples_prints_each_sample(shared_data):
-    result = run_cli(f"--model_path={os.path.join(shared_data, 'stories260K.pt')}", "--num_samples=3",
+    result = run_script("generate.py", f"--model_path={os.path.join(shared_data, 'stories260K.pt')}", "--num_samples=3",
                      "--temperature=1.0", "--max_new_tokens=40", "--seed=7", "--device=cpu")
     assert result.returncode == 0, result.stderr
     parts = re.split(r"^--- sample (\d+)\n", result.stdout, flags=re.M)
@@ -93,26 +74,15 @@ def test_cli_refuses_a_hostile_pickle(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "model_args": CreatesMarker(marker)}, path)
-    result = run_cli(f"--model_path={path}", "--device=cpu")
-    assert_usage_error(result, path)
+    result = run_script("generate.py", f"--model_path={path}", "--device=cpu")
+    assert_refused(result, path, stdout_empty=True)
     assert not marker.exists()
 
 
 def test_cli_process_exit_codes_for_a_bad_flag_and_a_missing_checkpoint(tmp_path):
-    assert_usage_error(run_cli("--model_path=x.pt", "--no_such_flag=1"), "--no_such_flag")
-    assert_usage_error(run_cli(f"--model_path={tmp_path / 'missing.pt'}", "--device=cpu"),
-                       tmp_path / "missing.pt")
-
-
-def run_main(capsys, *args):
-    """generate.main in-process (the same code the process runs, minus ~2 s of imports):
-    (exit code, stdout, stderr) as the process would give them."""
-    try:
-        code = generate.main(list(map(str, args)))
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
+    assert_refused(run_script("generate.py", "--model_path=x.pt", "--no_such_flag=1"), "--no_such_flag", stdout_empty=True)
+    assert_refused(run_script("generate.py", f"--model_path={tmp_path / 'missing.pt'}", "--device=cpu"),
+                       tmp_path / "missing.pt", stdout_empty=True)
 
 
 def test_usage_errors(shared_data, tok512, tmp_path, capsys):
@@ -149,7 +119,7 @@ def test_usage_errors(shared_data, tok512, tmp_path, capsys):
         cases.append((["--model_path", model, "--device=cuda"], ["--device", "cpu"]))
     for args, mentions in cases:
         extra = [] if any(a.startswith("--device") for a in map(str, args)) else ["--device=cpu"]
-        assert_usage_error(run_main(capsys, *args, *extra), *mentions)
+        assert_refused(run_main(generate.main, capsys, *args, *extra), *mentions, stdout_empty=True)
     assert not marker.exists()
 
 

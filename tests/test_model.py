@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from docs_reference import greedy_story, hidden_dim_examples, model_table, param_counts
+from helpers import greedy_story, hidden_dim_examples, model_table, param_counts
 from decoding import decoder_for, generate
 from model import ModelArgs, Transformer
 from sampling import sample
