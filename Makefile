@@ -55,9 +55,9 @@ demo-pipeline: demo-data
 
 # ---- a base pretrained on the plain demo stories, LoRA-tuned into an instruct model, scored
 DEMO_FT_TRAIN ?=
-# the base alone and the LoRA alone. The longer recipe of docs/finetuning.md, round 8 (97-100% on every
-# seed tried, against 91-100% for the shipped one; about 13 minutes on the Zen 3 instead of 10), at
-# round 8's single learning rate as measured:
+# the base alone and the LoRA alone. The longer recipe of docs/finetuning.md ("Results", row C: 97-100% on
+# every seed tried, against 91-100% for the shipped one; about 13 minutes on the Zen 3 instead of 10), at
+# the single learning rate it was measured with:
 #   make demo-finetune DEMO_BASE_TRAIN="--max_iters=800 --learning_rate=3e-3" \
 #     DEMO_LORA_TRAIN="--max_iters=1500 --learning_rate=1e-2 --lora_b_lr_ratio=1"
 DEMO_BASE_TRAIN ?=

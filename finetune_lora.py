@@ -37,7 +37,7 @@ DEFAULTS = {
     "batch_size": 32, "gradient_accumulation_steps": 1, "learning_rate": 5e-4, "max_iters": 5000,
     "weight_decay": 0.0, "warmup_iters": 100, "eval_interval": 250, "eval_iters": 20,
     # rsLoRA's alpha / sqrt(rank): the same alpha and lr train alike at ranks 2-16 on the real stories260K
-    # (docs/finetuning.md, round 3); the demo's CPU recipe raises alpha and lr for its short run
+    # (docs/finetuning.md, "rsLoRA: alpha / sqrt(rank)"); the demo's CPU recipe raises alpha and lr for its short run
     "lora_rank": 8, "lora_alpha": 4.0, "lora_rslora": True, "lora_dropout": 0.0,
     "lora_targets": "wq,wk,wv,wo,tok_embeddings", "lora_b_lr_ratio": 1.0,
 }

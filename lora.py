@@ -5,7 +5,7 @@ checkpoint loads into an adapted model unchanged, and adds `lora_a` (rank x in) 
 (out x rank):  y = x W^T + (dropout(x) A^T B^T) * scaling, with scaling = alpha / rank as in the
 LoRA paper, or alpha / sqrt(rank) with rslora (rank-stabilized LoRA, Kalajdzievski 2023): then
 the same alpha and learning rate train alike at every rank. lora_b starts at zero, so a
-freshly adapted model computes exactly what its base did. checkpoint.py applies
+freshly adapted model computes exactly what its base did. checkpoints/ applies
 the same formula (merge_lora_pair, below) when it loads an adapter file or the original
 instruct storyteller's unmerged parametrizations, so the two can never disagree.
 
@@ -73,8 +73,8 @@ def merges_in_forward(in_dim: int, out_dim: int) -> bool:
     matmul (backward then forms a dense out x in gradient) than through the two thin matmuls of
     x A^T B^T. The thin ones read the whole activation for little arithmetic, so on a CPU they lose
     on small layers: one layer's forward + backward at 128x128 took 0.68x the time merged, at
-    1024x128 0.73x, at 288x288 1.00x and at 768x768 1.22x (rank 8, one thread, docs/finetuning.md,
-    round 3). Hence: merged up to about 256 wide, where in*out / (in+out) <= 128."""
+    1024x128 0.73x, at 288x288 1.00x and at 768x768 1.22x (rank 8, one thread; docs/finetuning.md,
+    "The adapted weight in one matmul"). Hence: merged up to about 256 wide, where in*out / (in+out) <= 128."""
     return in_dim * out_dim <= 128 * (in_dim + out_dim)
 
 

@@ -68,7 +68,7 @@ def apply_rope(x, cos, sin):
     x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim / 2), or (batch, seq, head_dim / 2)
     for rows at different positions. Each pair is one complex number turned by the position's
     angle: a single multiply forwards and backwards, about 5x cheaper on a CPU than rotating the
-    real pairs element by element (docs/finetuning.md, round 3)."""
+    real pairs element by element (docs/finetuning.md, "Cheaper steps, and the floor under them")."""
     cos, sin = (t[:, :, None, :] if t.dim() == 3 else t[None, :, None, :] for t in (cos, sin))
     pairs = x.float().unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():

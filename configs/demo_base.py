@@ -3,7 +3,7 @@
 # configs/demo_instruct.py; configs/demo_lora.py then LoRA-tunes it. max_seq_len 192 is the
 # instruct rows' width, so the fine-tune meets no position the base never trained.
 # 600 steps at lr 6e-3 reach the validation loss that 800 at 3e-3 did (0.70 / 0.72 against 0.70 /
-# 0.73, seeds 2 / 3; docs/finetuning.md, round 8). The 2-core CPU: about 1.5-3 minutes.
+# 0.73, seeds 2 / 3; docs/finetuning.md, "A 600-step base at twice the rate"). The 2-core CPU: about 1.5-3 minutes.
 dataset, data_dir, out_dir = "pretrain", "data", "out/demo/base"
 vocab_source, vocab_size, max_seq_len = "custom", 1024, 192
 dim, n_layers, n_heads, n_kv_heads, multiple_of = 128, 4, 4, 4, 32  # configs/demo_instruct.py's shape

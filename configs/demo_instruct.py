@@ -3,7 +3,7 @@
 # prepare_instruct_data.py --vocab_size=1024 --max_seq_len=192).
 # 2 CPU cores: 1,200 iterations in 2.5 minutes (Intel VM) to about 6.5 (Zen 3, estimated); the
 # model then uses all three requested words in 98-100% of stories for held-out word triples on 3
-# seeds (docs/finetuning.md, round 5). 1,500 iterations did not fit 10 minutes of `make demo` on
+# seeds (docs/finetuning.md, "Results", row K). 1,500 iterations did not fit 10 minutes of `make demo` on
 # the slowest CPU.
 dataset, data_dir, out_dir = "instruct", "data", "out/demo/instruct"
 vocab_source, vocab_size = "custom", 1024

@@ -460,7 +460,7 @@ def test_resume_compares_targets_as_lists(tmp_path):
 
 def test_the_demo_adapters_train_through_their_merged_weight_at_the_shipped_rank():
     """configs/demo_lora.py's rank 32 steps as fast as rank 8 only because, at the demo's width,
-    every adapter trains through W + B A s (docs/finetuning.md, round 8). Build the demo's model
+    every adapter trains through W + B A s (docs/finetuning.md, "Rank 32, because at this width the rank is free"). Build the demo's model
     from its two config files and check that every adapter does, and what share it trains."""
     base = train.parse_settings([os.path.join(ROOT, "configs", "demo_base.py")], train.DEFAULTS)
     lora = train.parse_settings([os.path.join(ROOT, "configs", "demo_lora.py")], finetune_lora.DEFAULTS)

@@ -31,7 +31,7 @@ def random_model(seed=0, std=0.3, **overrides):
 
 
 def load_llama2c_pt(path):
-    """stories260K.pt read directly (not through checkpoint.py): dict of model + model_args."""
+    """stories260K.pt read directly (not through checkpoints/): dict of model + model_args."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     model = Transformer(ModelArgs(**obj["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in obj["model"].items()})
