@@ -11,6 +11,7 @@ import demo_corpus
 import prepare_instruct_data as pid
 import prompts
 import tinystories
+from helpers import assert_refused, run_main
 from prompts import build_prompt, rewrite_original_prompt
 from tokenizer import Tokenizer
 
@@ -270,11 +271,7 @@ def test_broken_shard_fails_naming_it_and_leaves_no_meta(demo_data, tmp_path, ca
     (["--vocab_size=512", "--max_seq_len=many"], "many"),
 ])
 def test_cli_misuse_is_one_line_and_exit_2(argv, fragment, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        pid.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and fragment in err, err
+    assert_refused(run_main(pid.main, capsys, *argv), fragment)
 
 
 def test_missing_tokenizer_points_to_train_vocab(demo_data, capsys):

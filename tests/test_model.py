@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from helpers import greedy_story, hidden_dim_examples, model_table, param_counts
+from helpers import greedy_story, hidden_dim_examples, model_table, param_counts, tiny_model
 from decoding import decoder_for, generate
 from model import ModelArgs, Transformer
 from sampling import sample
@@ -16,18 +16,8 @@ BOS = 1
 def random_model(seed=0, std=0.3, **overrides):
     """A small model with weights large enough that attention is far from uniform: with the
     default 0.02 init every position would look alike and a RoPE or cache bug could hide."""
-    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
-                max_seq_len=64)
-    args.update(overrides)
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**args))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0, std)
-    return model.eval()
+    shape = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
+    return tiny_model(seed, std, **{**shape, **overrides})
 
 
 def load_llama2c_pt(path):

@@ -14,7 +14,7 @@ import demo_corpus
 import prompts
 import shards
 import tinystories
-from helpers import ROOT
+from helpers import ROOT, assert_refused, run_main
 from tokenizer import Tokenizer
 
 
@@ -307,11 +307,7 @@ def test_missing_data_and_tokenizer_are_explained(tmp_path, capsys):
     (["download", "--url=ftp://example.com/x"], "http"),
 ])
 def test_cli_misuse_is_one_line_and_exit_2(argv, fragment, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        tinystories.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and fragment in err, err
+    assert_refused(run_main(tinystories.main, capsys, *argv), fragment)
 
 
 def test_script_runs_as_a_command(tmp_path):
