@@ -100,6 +100,15 @@ def greedy(model, n, prompt=None, **kwargs):
     return torch.stack(list(generate(model, prompt, n, temperature=0, **kwargs)), dim=1)
 
 
+def write_shards(data_dir, shards):
+    """shards: list of record lists -> {data_dir}/TinyStories_all_data/dataNN.json."""
+    out = os.path.join(data_dir, "TinyStories_all_data")
+    os.makedirs(out, exist_ok=True)
+    for i, records in enumerate(shards):
+        with open(os.path.join(out, f"data{i:02d}.json"), "w", encoding="utf-8") as f:
+            json.dump(records, f)
+
+
 def write_tiny_tokenizer(folder, vocab_size=40):
     """A sentencepiece BPE of vocab_size pieces, trained in about a second."""
     import random

@@ -11,17 +11,9 @@ import demo_corpus
 import prepare_instruct_data as pid
 import prompts
 import tinystories
-from helpers import assert_refused, run_main
+from helpers import assert_refused, run_main, write_shards
 from prompts import build_prompt, rewrite_original_prompt
 from tokenizer import Tokenizer
-
-
-def write_shards(data_dir, shards):
-    out = os.path.join(data_dir, "TinyStories_all_data")
-    os.makedirs(out, exist_ok=True)
-    for i, records in enumerate(shards):
-        with open(os.path.join(out, f"data{i:02d}.json"), "w", encoding="utf-8") as f:
-            json.dump(records, f)
 
 
 def load_outputs(out_dir, stem):

@@ -14,23 +14,13 @@ import demo_corpus
 import prompts
 import shards
 import tinystories
-from helpers import ROOT, assert_refused, run_main
+from helpers import ROOT, assert_refused, run_main, write_shards
 from tokenizer import Tokenizer
-
 
 
 def real_stories(shared_data):
     text = open(os.path.join(shared_data, "tinystories_valid_head.txt"), encoding="utf-8").read()
     return [s for s in text.split("<|endoftext|>") if s.strip()]
-
-
-def write_shards(data_dir, shards):
-    """shards: list of record lists -> {data_dir}/TinyStories_all_data/dataNN.json."""
-    out = os.path.join(data_dir, "TinyStories_all_data")
-    os.makedirs(out, exist_ok=True)
-    for i, records in enumerate(shards):
-        with open(os.path.join(out, f"data{i:02d}.json"), "w", encoding="utf-8") as f:
-            json.dump(records, f)
 
 
 def stories_of(data_dir):
