@@ -40,6 +40,7 @@ from cli import (DTYPE_NAMES, OneLineParser, UsageError, check_device, check_out
                  positive_int, report_error, run_main, write_json)
 from data_paths import LLAMA2_VOCAB_SIZE
 from dataset import InstructRows, check_token_ids, open_token_shard
+from coherence import score_coherence
 from demo_corpus import DEMO_ADJECTIVES, DEMO_NOUNS, DEMO_VERBS, verb_forms
 from decoding import load_for_sampling, sample_stories
 from generate import add_prompt_format_args, check_sampling_args, model_prompt_format
@@ -267,7 +268,7 @@ def score_story(story: str, request: Request) -> dict:
     found["all_words"] = all(found.values())
     if "Dialogue" in request.features:
         found["dialogue"] = bool(QUOTED_SPEECH.search(story))
-    return found
+    return {**found, **score_coherence(story, request.verb, request.noun, request.adjective)}
 
 
 def evaluation_prompt_format(formats, instruct=None, encoding=None) -> dict:
@@ -346,6 +347,9 @@ def summarize(results: list) -> dict:
             "all_words_rate": share("all_words", results),
             "n_dialogue_prompts": len(dialogue_rows),
             "dialogue_rate": share("dialogue", dialogue_rows),
+            "hero_kept_rate": share("hero_kept", results),
+            "words_well_formed_rate": share("words_well_formed", results),
+            "pronouns_agree_rate": share("pronouns_agree", [r for r in results if r["pronouns_agree"] is not None]),
             "avg_story_words": sum(len(r["story"].split()) for r in results) / len(results),
             "hit_max_new_tokens_rate": share("hit_max_new_tokens", results)}
 
@@ -353,7 +357,9 @@ def summarize(results: list) -> dict:
 TABLE_ROWS = [("validation loss", "val_loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
               ("prompts", "n_prompts", "{}"), ("requested words used", "word_rate", "{:.1%}"),
               ("  verb / noun / adjective", None, None), ("stories with all three", "all_words_rate", "{:.1%}"),
-              ("dialogue when asked", "dialogue_rate", "{:.1%}"), ("average story (words)", "avg_story_words", "{:.1f}"),
+              ("dialogue when asked", "dialogue_rate", "{:.1%}"), ("hero keeps their name", "hero_kept_rate", "{:.1%}"),
+              ("requested words well formed", "words_well_formed_rate", "{:.1%}"),
+              ("pronouns agree with the hero", "pronouns_agree_rate", "{:.1%}"), ("average story (words)", "avg_story_words", "{:.1f}"),
               ("hit max_new_tokens", "hit_max_new_tokens_rate", "{:.1%}")]
 
 
@@ -363,6 +369,13 @@ def table_cell(report: dict, key, fmt) -> str:
     if key in report and report[key] is not None:
         return fmt.format(report[key])
     return ""
+
+
+def headline(report: dict) -> str:
+    """The instruction-following and coherence rates of one report, for the summary line."""
+    rates = [("all three words", "all_words_rate"), ("hero kept", "hero_kept_rate"),
+             ("words well formed", "words_well_formed_rate"), ("pronouns agree", "pronouns_agree_rate")]
+    return ", ".join(f"{label} {report[key]:.0%}" for label, key in rates if report.get(key) is not None)
 
 
 def print_table(reports: list):
@@ -484,6 +497,7 @@ def main(argv=None):
         write_json(args.report, reports[0] if len(reports) == 1 else {"compare": reports}, indent=1)
     print_table(reports)
     print(f"evaluated {', '.join(paths)} in {time.perf_counter() - start:.1f} s"
+          + "".join(f"; {headline(r)}" for r in reports if "all_words_rate" in r)
           + (f"; report in {args.report}" if args.report else ""))
     return 0
 
