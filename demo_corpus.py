@@ -323,3 +323,9 @@ def make_demo(data_dir, num_shards, stories_per_shard, seed):
         write_json(path, records)
         paths.append(path)
     return paths
+
+
+if __name__ == "__main__":  # what the demo models know: python demo_corpus.py
+    for label, names in [("verbs", DEMO_VERBS), ("nouns", DEMO_NOUNS), ("adjectives", DEMO_ADJECTIVES),
+                         ("heroes", [name for name, _, _ in DEMO_HEROES]), ("friends", DEMO_FRIENDS)]:
+        print(f"{label} ({len(names)}): {' '.join(names)}\n")
