@@ -59,6 +59,11 @@ def one_node(nproc, argv, *extra):
                      *extra], argv)
 
 
+def standalone(nproc, argv):
+    """torchrun's one-machine form: it picks its own port."""
+    return torchrun(["--standalone", f"--nproc_per_node={nproc}"], argv)
+
+
 def two_nodes(argvs):
     """Two agents, one process each, at one c10d rendezvous: as two machines would start."""
     endpoint = f"--rdzv_endpoint=127.0.0.1:{free_port()}"
@@ -68,9 +73,9 @@ def two_nodes(argvs):
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
-    """One node x two processes, never stopped: the run the others must equal bit for bit."""
+    """One --standalone node x two processes, never stopped: the run the others must equal bit for bit."""
     out = tmp_path_factory.mktemp("one_node") / "out"
-    [(code, output)] = finish([one_node(2, flags(data_dir, out))])
+    [(code, output)] = finish([standalone(2, flags(data_dir, out))])
     assert code == 0, output[-3000:]
     return out
 
