@@ -5,6 +5,7 @@ plain `python train.py` is rank 0 of 1, and none of this talks to another proces
 import glob
 import os
 import socket
+import sys
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ def start_processes(cfg) -> Processes:
     """Join the torchrun job, if there is one (RANK is set), and take this process's device."""
     if int(os.environ.get("RANK", -1)) == -1:
         return Processes(device=training_device(cfg["device"]))
+    warn_of_shared_store()
     dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo")
     procs = Processes(True, dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
     if cfg["device"].startswith("cuda"):
@@ -49,6 +51,19 @@ def start_processes(cfg) -> Processes:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", procs.world))))
     procs.device = training_device(cfg["device"])
     return procs
+
+
+def warn_of_shared_store():
+    """torchrun (2.13 included) keeps one rendezvous store for every restart of a job and the
+    workers' keys in it carry no restart number: a restarted worker can read the address a dead
+    one left there and fail to connect (gloo: connectFullMesh ... Connection refused; NCCL alike,
+    pytorch issue 167288). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on torchrun gives each restart a
+    store of its own; without it, restarts are a matter of luck, so say so once, on rank 0."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and launched_rank() == 0:
+        print(f"note: torchrun --max_restarts={restarts} without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a restarted "
+              f"worker group may fail to connect (a stale address in torchrun's shared store); set it in "
+              f"torchrun's environment (docs/usage.md, \"More than one machine\")", file=sys.stderr)
 
 
 def end_processes(procs: Processes):

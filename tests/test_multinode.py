@@ -33,9 +33,11 @@ def flags(data, out, **overrides):
 
 
 def torchrun(launch, argv):
-    """One torchrun agent (a node) in its own process group, so that a test can stop all of it."""
+    """One torchrun agent (a node) in its own process group, so that a test can stop all of it; as
+    docs/usage.md starts it, with a rendezvous store of its own for every restart."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch, "train.py", *argv], cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -161,6 +163,7 @@ def test_elastic_restarts_resume_by_themselves_to_the_uninterrupted_weights(data
         [(code, output)] = finish([agent])
     assert code == 0, output[-3000:]
     assert output.count("auto_resume: continuing the run") == 2, output[-3000:]
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in output  # set: no note
     assert_same_run(out, uninterrupted)
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
 
@@ -185,3 +188,19 @@ def test_a_node_that_does_not_share_out_dir_or_data_is_refused_in_one_line(data_
         assert code != 0 and len(worker_lines) == 1 and expected in worker_lines[0], output[-3000:]
         assert not any(f'{name}.py", line' in output for name in ("train", "run_folder", "distributed")), output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out_elsewhere").exists()
+
+
+def test_max_restarts_without_a_store_per_restart_is_noted(monkeypatch, capsys):
+    """torchrun's shared rendezvous store makes restarts fail by chance: rank 0 says how to avoid it."""
+    import distributed
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    distributed.warn_of_shared_store()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that variable makes torchrun pass
+    distributed.warn_of_shared_store()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    distributed.warn_of_shared_store()
+    assert capsys.readouterr().err == ""
