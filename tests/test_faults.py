@@ -391,8 +391,8 @@ def test_auto_resume_after_sigkill_finishes_as_the_uninterrupted_run_and_refuses
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(step_losses_or_none(out))
-    again = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    capsys.readouterr()
+    again = run_main(train.main, capsys, *argv)  # the same command, in this process
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"auto_resume: continuing the run in {out} from iter " in again.stdout
     assert 4 <= int(again.stdout.split(" from iter ")[1].split()[0]) <= killed_at < settings["max_iters"]
@@ -401,7 +401,6 @@ def test_auto_resume_after_sigkill_finishes_as_the_uninterrupted_run_and_refuses
     assert_same_contents(saved_files(tmp_path / "ref"), saved_files(out))
 
     finished = file_bytes(out)
-    capsys.readouterr()  # the reference run's output
     assert_refused(run_main(train.main, capsys, *argv, "--learning_rate=0.01"),
                    "holds a run of other settings (learning_rate=0.003 (now 0.01))")
     assert file_bytes(out) == finished
