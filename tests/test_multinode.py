@@ -158,6 +158,7 @@ def test_elastic_restart_resumes_by_itself_to_the_uninterrupted_weights(data_dir
         [(code, output)] = finish([agent])
     assert code == 0, output[-3000:]
     assert output.count("auto_resume: continuing the run") == 1, output[-3000:]
+    print(next(line for line in output.splitlines() if "auto_resume: continuing" in line))
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in output  # set: no note
     assert_same_run(out, uninterrupted)
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
