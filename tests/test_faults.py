@@ -400,7 +400,8 @@ def test_auto_resume_after_sigkill_finishes_as_the_uninterrupted_run_and_refuses
     assert f"auto_resume: continuing the run in {out} from iter " in again.stdout
     resumed_at = int(again.stdout.split(" from iter ")[1].split()[0])
     assert 4 <= resumed_at <= killed_at < settings["max_iters"]
-    print(f"\nauto_resume: SIGKILL after step {killed_at} was logged, continued from iteration {resumed_at}")
+    with capsys.disabled():
+        print(f"\nauto_resume: SIGKILL after step {killed_at} was logged, continued from iteration {resumed_at}")
     assert step_losses(tmp_path / "ref") == step_losses(out)
     assert [r["iter"] for r in metrics.read_rows(str(out / "metrics.jsonl")) if not r.get("eval")] == list(range(1, 17))
     assert_same_contents(saved_files(tmp_path / "ref"), saved_files(out))
