@@ -165,19 +165,20 @@ def test_elastic_restart_resumes_by_itself_to_the_uninterrupted_weights(data_dir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("apart", ["out_dir", "data"])
-def test_a_node_that_does_not_share_out_dir_or_data_is_refused_in_one_line(data_dir, tmp_path, apart):
+@pytest.mark.parametrize("apart", ["out_dir", "data", "settings"])
+def test_a_node_that_does_not_share_out_dir_data_or_settings_is_refused_in_one_line(data_dir, tmp_path, apart):
     """On loopback every node sees the same disk; here the second node's out_dir (or data) is
-    another folder at the path, as on a machine whose disk is not shared. Every process stops with
-    the same line, and nothing is left in either folder."""
+    another folder at the path, as on a machine whose disk is not shared (or it was started with
+    another learning rate). Every process stops with the same line, and nothing is left behind."""
     other_data = tmp_path / "other_data"
     shutil.copytree(data_dir, other_data)
     with open(other_data / "tok64" / "data01.bin", "r+b") as f:  # the same size, other tokens
         f.write(b"\x05\x00" * 8)
-    argvs = [flags(data_dir, tmp_path / "out"),
-             flags(data_dir, tmp_path / "out_elsewhere") if apart == "out_dir" else flags(other_data, tmp_path / "out")]
-    results = finish(two_nodes(argvs))
-    expected = "does not see the folder rank 0 writes" if apart == "out_dir" else "reads other files than rank 0"
+    second = {"out_dir": flags(data_dir, tmp_path / "out_elsewhere"), "data": flags(other_data, tmp_path / "out"),
+              "settings": flags(data_dir, tmp_path / "out", learning_rate=0.01)}[apart]
+    results = finish(two_nodes([flags(data_dir, tmp_path / "out"), second]))
+    expected = {"out_dir": "does not see the folder rank 0 writes", "data": "reads other files than rank 0",
+                "settings": "runs other settings than rank 0: learning_rate="}[apart]
     for code, output in results:
         # the worker's one line, then torchrun's own report of a failed worker (its traceback is torchrun's)
         worker_lines = [line for line in output.splitlines() if line.startswith("error: ")]
