@@ -14,6 +14,8 @@ still finds it, and its sha256, of every file for a folder base, so it is refuse
 base), ckpt.pt = best.pt (the
 best model with the adapter merged: a plain checkpoint for generate.py and the exporters) and
 last.pt (merged too, plus the unmerged adapter and optimizer state that --init_from=resume needs).
+--init_from=BASE --auto_resume is one command for the first start and every restart: it continues
+out_dir's run when its settings are the same (docs/usage.md, "More than one machine").
 """
 import os
 import sys

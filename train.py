@@ -7,8 +7,9 @@
 Settings: DEFAULTS below, then each config file named (Python `key = value` lines), then
 --key=value flags; names and types are checked. finetune_lora.py runs this same loop (train()
 with its own recipe). The data comes through dataset.py, torchrun's processes through
-distributed.py. out_dir (run_folder.py) gets last.pt (written at every evaluation, at the end and
-on Ctrl-C: what --init_from=resume continues), best.pt (lowest val loss) and ckpt.pt (= best.pt,
+distributed.py (any number of machines: docs/usage.md, "More than one machine"). out_dir
+(run_folder.py) gets last.pt (written at every evaluation, at the end and on Ctrl-C: what
+--init_from=resume and --auto_resume continue), best.pt (lowest val loss) and ckpt.pt (= best.pt,
 llama2.c's name: point generate.py at it), metrics.jsonl and loss.png (metrics.py).
 """
 import inspect
@@ -26,14 +27,13 @@ from checkpoints import load_checkpoint, model_args_dict, save_checkpoint
 from cli import (DTYPE_NAMES, ToolError, UsageError, bf16_supported, check_device, default_device, report_error,
                  run_main, torch_dtype)
 from data_paths import vocab_source
-from dataset import BatchSampler, data_prompt_format, default_tokenizer, fixed_batches, open_dataset
-from distributed import (Processes, end_processes, gradient_sync, launched_rank, start_processes, sum_over_processes,
-                         wrap_for_ddp)
+from dataset import BatchSampler, data_folder, data_prompt_format, default_tokenizer, fixed_batches, open_dataset
+from distributed import (Processes, check_same_files, end_processes, gradient_sync, launched_rank, start_processes,
+                         sum_over_processes, wrap_for_ddp)
 from metrics import MetricsLog, estimate_mfu, peak_flops, plot_losses
 from model import ModelArgs, Transformer
 from prompts import RequestFinder
-from run_folder import (claim_out_dir, last_checkpoint, last_good, load_resume_point, remove_previous_run,
-                        removed_if_left_empty, save_best)
+from run_folder import last_checkpoint, last_good, open_run_folder, remove_previous_run, removed_if_left_empty, save_best
 from stop_request import StopRequest
 from tokenizer import Tokenizer
 
@@ -42,6 +42,9 @@ DEFAULTS = dict(
     out_dir="out", eval_interval=2000, log_interval=1, eval_iters=100,
     init_from="scratch",  # scratch | resume (from out_dir/last.pt) | path of any checkpoint
     force=False,  # start a new run in an out_dir that holds one: its checkpoints are replaced (nothing else)
+    # continue out_dir's run where it holds one of the same settings, else start as init_from says:
+    # one command for the first start and every restart (torchrun --max_restarts, a requeued job)
+    auto_resume=False,
     # data
     dataset="pretrain",  # pretrain: random windows of the token shards; instruct: one example a row
     data_dir="data", batch_size=128, max_seq_len=256,
@@ -98,6 +101,8 @@ def check_values(cfg):
     if not 0.0 <= cfg["dropout"] < 1.0:
         raise UsageError(f"dropout={cfg['dropout']}: expected a number in [0, 1)")
     check_device(cfg["device"])
+    if cfg["auto_resume"] and cfg["force"]:
+        raise UsageError("auto_resume=True and force=True: continue out_dir's run or replace it, not both")
     if cfg["dtype"] == "bfloat16" and not bf16_supported():
         raise UsageError("dtype=bfloat16: not supported on this hardware (use float32 or float16)")
 
@@ -243,6 +248,7 @@ class Run:
     autocast: object
     iter_num: int = 0
     best_val_loss: float = float("inf")
+    settings: dict = None  # the command's settings as given: what auto_resume compares
 
 
 def start_run(cfg, recipe, procs, model, resume, accum) -> Run:
@@ -250,6 +256,7 @@ def start_run(cfg, recipe, procs, model, resume, accum) -> Run:
     new, or as last.pt left them."""
     device_type = device_type_of(cfg)
     train_data, val_data = open_training_data(cfg, model.args)
+    check_same_files(procs, data_folder(cfg), ("data*", "meta.json"), f"data_dir={cfg['data_dir']}")
     model.to(cfg["device"])
     optimizer = configure_optimizers(model, cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                      device_type, lambda name: recipe.lr_scale(name, cfg))
@@ -291,7 +298,7 @@ def save_last(run, loader_state, evaluated):
         "kind": "project", **run.recipe.checkpoint_weights(model), "model_args": model_args_dict(model.args),
         "config": run.cfg, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
         "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "loader_state": loader_state,
-        "evaluated": evaluated})
+        "evaluated": evaluated, "settings": run.settings})
     run.recipe.after_save(model, run.cfg, last_path, False)
 
 
@@ -307,19 +314,19 @@ def seed_iteration(cfg, procs, iter_num):
 def train(config, recipe=None) -> dict:
     """Run one training job; returns {"iter_num", "best_val_loss", "last_loss"}. recipe says what
     trains and what checkpoints hold (FullTraining by default)."""
-    recipe, cfg = recipe or FullTraining(), dict(config)
+    recipe, cfg, settings = recipe or FullTraining(), dict(config), dict(config)
     check_values(cfg)
     procs = start_processes(cfg)
     accum = micro_batches_per_process(cfg, procs)
     out_dir = cfg["out_dir"]
-    lock = claim_out_dir(cfg) if procs.master else None
+    lock, resume = open_run_folder(cfg, settings, procs)
     if cfg["deterministic"]:
         torch.use_deterministic_algorithms(True)
-    resume = load_resume_point(out_dir) if cfg["init_from"] == "resume" else None
     model = build_model(cfg, recipe, resume)
     if procs.master and cfg["force"] and not resume:
         remove_previous_run(out_dir)
     run = start_run(cfg, recipe, procs, model, resume, accum)
+    run.settings = settings
     peak, peak_source = peak_flops(cfg, device_type_of(cfg))
     if procs.master:
         announce(run, peak, peak_source)

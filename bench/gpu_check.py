@@ -4,9 +4,12 @@ CPU test suite cannot reach, each compared bitwise where it should be exact. Exi
     python bench/gpu_check.py            # CUDA: about 3-5 minutes on one H100
     python bench/gpu_check.py --cpu      # the same steps on the CPU (gloo), to test this script
 
-1. torchrun --standalone --nproc_per_node=1 on NCCL: float32, dropout, evaluation and save every 10
-   iterations, 40 iterations; then the same run stopped at 20 and continued with --init_from=resume:
-   last.pt must be bitwise identical (deterministic=True) and every logged loss equal;
+1. torchrun --standalone on NCCL (two processes where the machine has two GPUs, one otherwise):
+   float32, dropout, evaluation and save every 10 iterations, 40 iterations, started with
+   --auto_resume; then the same run stopped at 20 and continued with --init_from=resume: last.pt
+   must be bitwise identical (deterministic=True) and every logged loss equal; the first command
+   run again continues its finished run (the object collectives of auto_resume on NCCL) and
+   changes no checkpoint;
 2. the same comparison in bfloat16 with torch.compile;
 3. generate.py and evaluate.py on the GPU; export.py to llama2.c's .bin, whose greedy story on the
    GPU must equal the .pt's.
@@ -44,10 +47,16 @@ def check(ok, what):
         FAILURES.append(what)
 
 
+def processes(device):
+    return min(2, torch.cuda.device_count()) if device == "cuda" else 1
+
+
 def torchrun(config, what):
     flags = [f"--{k}={v}" for k, v in config.items()]
-    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", *flags], what)
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes(config['device'])}", "train.py", *flags], what)
     print("     " + next((line for line in out.splitlines() if "MFU against" in line), "").strip())
+    return out
 
 
 def same_checkpoints(a, b):
@@ -63,7 +72,13 @@ def resume_matches(work, data_dir, device, name, **overrides):
                     batch_size=16, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, deterministic=True,
                     peak_flops=0.0 if device == "cuda" else 1e12, **overrides)  # cuda: the datasheet lookup
     one, two = os.path.join(work, name, "one"), os.path.join(work, name, "two")
-    torchrun(tiny_config(data_dir, one, **settings), f"{name}: uninterrupted run")
+    torchrun(tiny_config(data_dir, one, **dict(settings, auto_resume=True)), f"{name}: uninterrupted run")
+    with open(os.path.join(one, "last.pt"), "rb") as f:
+        finished = f.read()
+    again = torchrun(tiny_config(data_dir, one, **dict(settings, auto_resume=True)), f"{name}: the same command again")
+    with open(os.path.join(one, "last.pt"), "rb") as f:
+        check("auto_resume: continuing the run" in again and f.read() == finished,
+              f"{name}: --auto_resume on the finished run continues it, last.pt unchanged")
     torchrun(tiny_config(data_dir, two, **dict(settings, max_iters=20)), f"{name}: first half")
     torchrun(tiny_config(data_dir, two, **dict(settings, init_from="resume")), f"{name}: --init_from=resume")
     check(step_losses(one) == step_losses(two), f"{name}: resumed run logs the uninterrupted run's losses at every step")

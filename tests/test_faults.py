@@ -16,7 +16,7 @@ import distributed
 import metrics
 import train
 from checkpoints import load_checkpoint
-from helpers import ROOT, free_port, step_losses, tiny_config, write_pretrain_shards
+from helpers import ROOT, assert_refused, free_port, run_main, step_losses, tiny_config, write_pretrain_shards
 
 
 @pytest.fixture
@@ -77,6 +77,7 @@ def saved_files(out_dir):
     for name in ("ckpt.pt", "best.pt", "last.pt"):
         obj = torch.load(os.path.join(out_dir, name), weights_only=True)
         obj.pop("config")
+        obj.pop("settings")
         files[name] = obj
     return files
 
@@ -245,6 +246,9 @@ def test_evaluation_and_step_totals_live_on_the_training_device(pretrain_dir, tm
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: seen.append(tensor.device))
     monkeypatch.setattr(train, "start_processes", lambda cfg: distributed.Processes(ddp=True, device=torch.device("cpu")))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    # the start-up checks' object collectives, in a job of one
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda objects, src=0: None)
+    monkeypatch.setattr(dist, "all_gather_object", lambda gathered, obj: gathered.__setitem__(0, obj))
     monkeypatch.setattr(distributed, "DDP", lambda model, device_ids=None: NoSyncWrapper(model))
     train.train(tiny_config(pretrain_dir, tmp_path / "out", max_iters=2, eval_interval=2))
     assert seen and all(device == torch.device("cpu") for device in seen)
@@ -364,3 +368,64 @@ def test_sigkill_at_random_moments_never_breaks_last_pt_and_resume_is_exact(pret
     assert_same_weights(final_weights(tmp_path / "ref"), final_weights(out))
     assert temp_files(out) == []
     print(f"\nSIGKILL: {kills} kills, {during_write} during a checkpoint write; final weights identical")
+
+
+# ---- --auto_resume: one command for the first start and every restart ----------------------------
+
+def file_bytes(out_dir):
+    return {name: (out_dir / name).read_bytes() for name in sorted(os.listdir(out_dir)) if name != ".lock"}
+
+
+@pytest.mark.slow
+def test_auto_resume_after_sigkill_finishes_as_the_uninterrupted_run_and_refuses_other_settings(pretrain_dir, tmp_path,
+                                                                                               capsys):
+    """The same `python train.py --auto_resume ...` started, SIGKILLed at a logged step, started
+    again: it continues from last.pt and ends with the uninterrupted run's weights and losses,
+    each step logged once. Then the command with another setting is refused in one line, and
+    the finished run's files stay byte for byte as they were."""
+    settings = dict(max_iters=16, lr_decay_iters=16, eval_interval=4, dropout=0.1, auto_resume=True)
+    train.train(tiny_config(pretrain_dir, tmp_path / "ref", **settings))
+    out = tmp_path / "auto"
+    argv = [f"--{k}={v}" for k, v in tiny_config(pretrain_dir, out, **settings).items()]
+    proc, kill_at, deadline = start_training(argv), random.Random(32).randint(5, 10), time.time() + 120
+    while max(step_losses_or_none(out), default=0) < kill_at:  # step 5 is logged after last.pt of iter 4
+        assert proc.poll() is None and time.time() < deadline, "finished, or too slow, before the kill"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(step_losses_or_none(out))
+    capsys.readouterr()
+    again = run_main(train.main, capsys, *argv)  # the same command, in this process
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"auto_resume: continuing the run in {out} from iter " in again.stdout
+    resumed_at = int(again.stdout.split(" from iter ")[1].split()[0])
+    assert 4 <= resumed_at <= killed_at < settings["max_iters"]
+    with capsys.disabled():
+        print(f"\nauto_resume: SIGKILL after step {killed_at} was logged, continued from iteration {resumed_at}")
+    assert step_losses(tmp_path / "ref") == step_losses(out)
+    assert [r["iter"] for r in metrics.read_rows(str(out / "metrics.jsonl")) if not r.get("eval")] == list(range(1, 17))
+    assert_same_contents(saved_files(tmp_path / "ref"), saved_files(out))
+
+    finished = file_bytes(out)
+    assert_refused(run_main(train.main, capsys, *argv, "--learning_rate=0.01"),
+                   "holds a run of other settings (learning_rate=0.003 (now 0.01))")
+    assert file_bytes(out) == finished
+    # the unchanged command on the finished run: nothing to do, nothing rewritten but the plot
+    assert train.main(argv) == 0
+    assert {k: v for k, v in file_bytes(out).items() if k != "loss.png"} == \
+        {k: v for k, v in finished.items() if k != "loss.png"}
+
+
+def test_auto_resume_starts_fresh_where_there_is_no_run_and_never_replaces_one_it_cannot_continue(pretrain_dir,
+                                                                                                tmp_path, capsys):
+    out = tmp_path / "out"
+    c = tiny_config(pretrain_dir, out, max_iters=2, eval_interval=2, auto_resume=True)
+    assert train.main([f"--{k}={v}" for k, v in c.items()]) == 0  # no out_dir yet: a new run
+    assert "auto_resume: continuing" not in capsys.readouterr().out
+    os.remove(out / "last.pt")  # best.pt and ckpt.pt alone: a run that cannot be continued
+    kept = file_bytes(out)
+    assert_refused(run_main(train.main, capsys, *[f"--{k}={v}" for k, v in c.items()]),
+                   "it holds a training run (best.pt, ckpt.pt)")
+    assert_refused(run_main(train.main, capsys, *[f"--{k}={v}" for k, v in c.items()], "--force"),
+                   "auto_resume=True and force=True")
+    assert file_bytes(out) == kept

@@ -10,7 +10,8 @@ import torch
 import dataset
 import finetune_lora
 import train
-from helpers import ROOT, VOCAB, read_metrics, step_losses, tiny_config, write_instruct_shards
+from helpers import (ROOT, VOCAB, assert_refused, read_metrics, run_main, step_losses, tiny_config,
+                     write_instruct_shards)
 from checkpoints import CheckpointError, load_checkpoint, load_model, model_args_dict, save_checkpoint
 from lora import LoRALinear, apply_lora, lora_modules, lora_state_dict, merge_lora, merged_state_dict
 from model import ModelArgs, Transformer
@@ -222,6 +223,40 @@ def test_lora_resume_continues_exactly(tmp_path):
     train.train(lora_config(data_dir, tmp_path / "two", base, **dict(settings, init_from="resume")),
                 finetune_lora.LoRATraining())
     assert step_losses(tmp_path / "one") == step_losses(tmp_path / "two")
+
+
+def test_lora_auto_resume_after_a_crash_finishes_exactly_and_refuses_other_adapter_settings(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """One finetune_lora.py command (--init_from=base --auto_resume) for the first start and the
+    restart after a crash (no save on the way out, as a lost node): it continues last.pt to the
+    uninterrupted run's losses and weights; another lora_alpha is refused in one line, the run's
+    files untouched."""
+    data_dir = write_instruct_shards(str(tmp_path / "data"))
+    base = save_base(tmp_path / "base.pt", tiny_model())
+    settings = dict(max_iters=8, lr_decay_iters=8, eval_interval=3, lora_dropout=0.1, learning_rate=1e-2,
+                    auto_resume=True)
+    train.train(lora_config(data_dir, tmp_path / "one", base, **settings), finetune_lora.LoRATraining())
+    argv = [f"--{k}={v}" for k, v in lora_config(data_dir, tmp_path / "two", base, **settings).items()]
+    real_get_lr = train.get_lr
+
+    def crash_at_7(it, c):
+        if it == 7:
+            raise RuntimeError("the node went away")
+        return real_get_lr(it, c)
+    monkeypatch.setattr(train, "get_lr", crash_at_7)
+    with pytest.raises(RuntimeError):
+        finetune_lora.main(argv)
+    monkeypatch.setattr(train, "get_lr", real_get_lr)
+    assert load_checkpoint(str(tmp_path / "two" / "last.pt")).extra["iter_num"] == 6
+    capsys.readouterr()
+    assert finetune_lora.main(argv) == 0
+    assert "continuing the run in" in capsys.readouterr().out
+    assert step_losses(tmp_path / "one") == step_losses(tmp_path / "two")
+    one, two = (load_checkpoint(str(tmp_path / name / "last.pt")) for name in ("one", "two"))
+    assert all(torch.equal(one.extra["lora_state"][k], two.extra["lora_state"][k]) for k in one.extra["lora_state"])
+    before = {name: (tmp_path / "two" / name).read_bytes() for name in ("last.pt", "adapter.pt", "metrics.jsonl")}
+    assert_refused(run_main(finetune_lora.main, capsys, *argv, "--lora_alpha=8"), "lora_alpha=4.0 (now 8.0)")
+    assert {name: (tmp_path / "two" / name).read_bytes() for name in before} == before
 
 
 @pytest.mark.parametrize("ratio", [1.0, 4.0])
