@@ -19,7 +19,15 @@ from prompts import build_prompt
 MAX_BODY_BYTES = 256 * 1024
 MAX_CHOICES = 8  # n times the number of prompts, per request
 MAX_STOP_STRINGS = 4  # OpenAI's limit
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+# a temperature this small already picks the likeliest token unless two logits lie within 1e-3 of
+# each other, and far smaller ones overflow float32 when the logits are divided by them: greedy
+GREEDY_BELOW = 1e-4
+# OpenAI fields we do not implement, with the values that ask for nothing (accepted as the
+# neutral default); any other value is refused, naming the field, rather than silently ignored
+NEUTRAL_VALUES = {"best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+                  "logit_bias": (None, {}), "suffix": (None, ""), "echo": (None, False),
+                  "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+                  "response_format": (None, {"type": "text"})}
 WORD = re.compile(r"[A-Za-z][A-Za-z'-]{0,29}")
 STREAM_END = "data: [DONE]\n\n"
 
@@ -27,9 +35,9 @@ STREAM_END = "data: [DONE]\n\n"
 class BadRequest(Exception):
     """A request we refuse: its status (400 unless said), the field it names and why."""
 
-    def __init__(self, param, message, status=400):
+    def __init__(self, param, message, status=400, code=None):
         super().__init__(f"{param}: {message}" if param else message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code  # code: OpenAI's, e.g. context_length_exceeded
 
 
 @dataclass(frozen=True)
@@ -62,12 +70,10 @@ class GenerationRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
-    default_max_tokens: ClassVar[Optional[int]] = None
 
 
 @dataclass
 class CompletionRequest(GenerationRequest):
-    default_max_tokens: ClassVar[Optional[int]] = COMPLETIONS_DEFAULT_MAX_TOKENS
     id_prefix: ClassVar[str] = "cmpl"
     object_name: ClassVar[str] = "text_completion"
     chunk_object_name: ClassVar[str] = "text_completion"
@@ -91,14 +97,7 @@ class CompletionRequest(GenerationRequest):
 
 @dataclass
 class ChatRequest(GenerationRequest):
-    id_prefix: ClassVar[str] = "chatcmpl"
-    object_name: ClassVar[str] = "chat.completion"
-    chunk_object_name: ClassVar[str] = "chat.completion.chunk"
-
-    @staticmethod
-    def choice(index, text, finish_reason):
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
+    """The answer is an assistant message; a stream opens with its role."""
 
     @staticmethod
     def opening_choices(indexes):
@@ -107,12 +106,21 @@ class ChatRequest(GenerationRequest):
                 for i in indexes]
 
     @staticmethod
+    def choice(index, text, finish_reason):
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+    @staticmethod
     def text_choice(index, text):
         return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
 
     @staticmethod
     def finish_choice(index, finish_reason):
         return {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+
+    id_prefix: ClassVar[str] = "chatcmpl"
+    object_name: ClassVar[str] = "chat.completion"
+    chunk_object_name: ClassVar[str] = "chat.completion.chunk"
 
 
 @dataclass
@@ -207,14 +215,35 @@ def _budget_and_sampling(body, limits, temperature=1.0, top_k=None):
     top_p = _number(body, "top_p", 1.0, 0, 1)
     if top_p == 0:  # OpenAI takes 0 too; the nucleus then holds just the likeliest token
         top_p = 1e-9
-    sampling = Sampling(temperature=_number(body, "temperature", temperature, 0, 2), top_p=top_p,
+    temperature = _number(body, "temperature", temperature, 0, 2)
+    sampling = Sampling(temperature=0 if temperature < GREEDY_BELOW else temperature, top_p=top_p,
                         top_k=_number(body, "top_k", top_k, 1, limits.vocab_size, integer=True),
                         seed=_number(body, "seed", None, 0, 2**62, integer=True))
     return dict(max_tokens=max_tokens, max_tokens_param=name, sampling=sampling)
 
 
+def _unsupported(body):
+    for name, neutral in NEUTRAL_VALUES.items():
+        value = body.get(name)
+        # 0 == False to Python, not to JSON
+        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                         for v in neutral):
+            raise BadRequest(name, f"not supported by this server; leave it out (got {json.dumps(value)[:40]})",
+                             code="unsupported_parameter")
+
+
+def text_field(value, where):
+    """A string the tokenizer can take: valid Unicode (JSON lets a lone surrogate such as \\ud800 through)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(where, f"not valid Unicode text ({exc.reason} at character {exc.start})") from None
+    return value
+
+
 def _openai_fields(body, limits, prompts):
     """The fields completions and chat share, in the order they are checked."""
+    _unsupported(body)
     fields = _budget_and_sampling(body, limits)
     fields.update(stops=_stop_strings(body), stream=_bool(body, "stream"), include_usage=_include_usage(body))
     fields["n"] = _choices_per_prompt(body, prompts)
@@ -224,10 +253,10 @@ def _openai_fields(body, limits, prompts):
 def message_text(content, where):
     """A message's content: a string, or OpenAI's list of {type: text, text} parts."""
     if isinstance(content, str):
-        return content
+        return text_field(content, where)
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        return text_field("".join(p["text"] for p in content), where)
     raise BadRequest(where, "expected a string or a list of {\"type\": \"text\", \"text\": ...} parts")
 
 
@@ -243,6 +272,7 @@ def parse_completion(body, limits):
         raise BadRequest("prompt", "expected a string or a non-empty list of strings")
     if len(texts) > MAX_CHOICES:
         raise BadRequest("prompt", f"{len(texts)} prompts; at most {MAX_CHOICES}")
+    texts = [text_field(t, "prompt" if isinstance(prompt, str) else f"prompt[{i}]") for i, t in enumerate(texts)]
     return CompletionRequest(prompts=texts, prompt_param="prompt", **_openai_fields(body, limits, len(texts)))
 
 
@@ -269,7 +299,7 @@ def _story_prompt(body, limits):
         text = body.get("prompt", "")
         if not isinstance(text, str):
             raise BadRequest("prompt", "expected a string")
-        return text
+        return text_field(text, "prompt")
     if not limits.instruct:
         raise BadRequest("verb", f"{limits.name} is a plain storyteller, not an instruct one: "
                                  f"send a prompt to continue instead")
@@ -277,8 +307,10 @@ def _story_prompt(body, limits):
         raise BadRequest("prompt", "give either prompt or verb/noun/adjective, not both")
     verb, noun, adjective = (_word(body, k) for k in ("verb", "noun", "adjective"))
     features = body.get("features") or []
+    if isinstance(features, str):  # "dialogue,twist", as generate.py's --features takes them
+        features = [f for f in features.split(",") if f.strip()]
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
-        raise BadRequest("features", "expected a list of feature names")
+        raise BadRequest("features", "expected a list of feature names or one comma-separated string of them")
     try:
         return build_prompt(verb, noun, adjective, features)
     except ValueError as exc:
@@ -297,13 +329,14 @@ def parse_story(body, limits):
 # ---- stop strings: text the client may see yet ------------------------------------------------------
 
 def text_before_stops(text, sent, stops):
-    """(text, stopped, end): the text cut at the first stop string found (in the order given),
-    or else the text whole with `end` held back while its tail could still become one. Text up
-    to `sent` has gone to the client already."""
-    for stop in stops:
-        at = text.find(stop)
-        if at >= 0:
-            return text[:at], True, at
+    """(text, stopped, end): the text cut at the earliest stop string in it, or else the text
+    whole with `end` held back while its tail could still become one. Text up to `sent` has
+    gone to the client already, and held no stop string: only its last few characters are
+    searched again."""
+    found = [at for at in (text.find(stop, max(0, sent - len(stop) + 1)) for stop in stops) if at >= 0]
+    if found:
+        at = min(found)
+        return text[:at], True, at
     hold = max((len(s) - 1 for s in stops), default=0)
     safe = len(text)
     for cut in range(max(sent, safe - hold), safe):
@@ -315,8 +348,8 @@ def text_before_stops(text, sent, stops):
 
 # ---- shaping answers --------------------------------------------------------------------------------
 
-def error_body(message, param=None, kind="invalid_request_error"):
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error_body(message, param=None, kind="invalid_request_error", code=None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def response_head(request, model):
@@ -325,8 +358,9 @@ def response_head(request, model):
             "created": int(time.time()), "model": model}
 
 
-def usage(prompt_lengths, n, completion_lengths):
-    prompt_tokens = sum(prompt_lengths) * n
+def usage(prompt_lengths, completion_lengths):
+    """Each prompt is counted once, however many choices were sampled from it (as OpenAI counts)."""
+    prompt_tokens = sum(prompt_lengths)
     completion_tokens = sum(completion_lengths)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from cli import OneLineParser, UsageError, check_device, default_device, positive_int, report_error, run_main
+from generate import add_prompt_format_args, model_prompt_format
 # the wire format (bodies parsed and shaped) is openai_api.py's; here, the HTTP routes and the bridge
 # from typed requests to the batching engine
 from openai_api import (STREAM_END, BadRequest, ModelLimits, check_declared_size, check_received_size, chunk,
@@ -42,6 +43,7 @@ def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True, help="checkpoint: .pt, llama2.c .bin, LoRA adapter")
     p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
+    add_prompt_format_args(p)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines too")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=default_device())
@@ -55,39 +57,81 @@ def build_parser():
                    help="requests waiting for a row at most; past it: 503 with Retry-After")
     p.add_argument("--shutdown_timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
+    p.add_argument("--access_log", action=argparse.BooleanOptionalAction, default=True,
+                   help="one line per request on stderr (uvicorn's); --no-access_log silences it")
     return p
 
 
 # ---- the bridge: typed requests in, token events from the engine out -----------------------------
 
+class EngineFailed(Exception):
+    """The engine failed a story (a bug, out of memory): the server's fault, not the request's."""
+
+
 class Storyteller:
     """The model and its tokenizer as the HTTP side sees them: prompts in, token events out."""
 
-    def __init__(self, engine, tokenizer, ckpt, name, created=0):
-        self.engine, self.tokenizer, self.ckpt, self.name = engine, tokenizer, ckpt, name
-        self.instruct = ckpt.is_instruct
+    def __init__(self, engine, tokenizer, ckpt, name, created=0, prompt_format=None):
+        self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        prompt_format = prompt_format or model_prompt_format(ckpt)
+        self.instruct, self.prompt_encoding = prompt_format["is_instruct"], prompt_format["prompt_encoding"]
         self.context = ckpt.model_args.max_seq_len
         self.created = created  # the model file's time, as /v1/models reports it
         self.limits = ModelLimits(name, self.context, tokenizer.vocab_size, self.instruct)
 
     def encode(self, text, param):
         from prompts import prompt_ids
-        ids = prompt_ids(self.tokenizer, text, self.instruct, self.ckpt.prompt_encoding)
+        ids = prompt_ids(self.tokenizer, text, self.instruct, self.prompt_encoding)
         if len(ids) >= self.context:
-            raise BadRequest(param, f"the prompt is {len(ids)} tokens; the model's context is {self.context}")
+            raise BadRequest(param, f"the prompt is {len(ids)} tokens; the model's context is {self.context}",
+                             code="context_length_exceeded")
         return ids
 
     def budget(self, request, prompts):
-        """The request's max_tokens, checked against the context left by the longest prompt."""
-        room = self.context - max(len(p) for p in prompts)
+        """The request's max_tokens, checked against the context left by the longest prompt; without
+        one, the story runs until it ends or the context is full (as generate.py's does)."""
+        # the last new token is never fed back in: a prompt of p tokens leaves context - p + 1
+        room = self.context - max(len(p) for p in prompts) + 1
         value = request.max_tokens
         if value is None:
-            return min(request.default_max_tokens or room, room)
+            return room
         if value > room:
             raise BadRequest(request.max_tokens_param, f"{value} new tokens after a prompt of "
                              f"{max(len(p) for p in prompts)} exceed the model's context of {self.context} "
-                             f"tokens (at most {room})")
+                             f"tokens (at most {room})", code="context_length_exceeded")
         return value
+
+
+class StoryText:
+    """A story's text as its tokens arrive, decoded in constant time per token. sentencepiece
+    knows where a space goes only from the piece before, so the tokens since the last settled
+    one are decoded again, and text is settled only once it ends in a whole character: byte
+    pieces (an emoji, most non-Latin letters) decode to U+FFFD until their last byte arrives."""
+
+    def __init__(self, tokenizer, prefix_ids):
+        # a plain model's story continues its prompt: its last pieces are decoded with the story
+        # so that the first word keeps its space; an instruct story starts after the prompt's BOS
+        self.tokenizer, self.ids = tokenizer, list(prefix_ids)
+        self.start, self.settled = max(0, len(self.ids) - 4), len(self.ids)
+        self.settled_text = tokenizer.decode(self.ids[self.start:])
+
+    def add(self, token):
+        """The text token adds, or "" while it ends in an unfinished character."""
+        self.ids.append(token)
+        return self._new_text(final=False)
+
+    def flush(self):
+        """What is held back when the story ends (an unfinished character stays U+FFFD)."""
+        return self._new_text(final=True) if len(self.ids) > self.settled else ""
+
+    def _new_text(self, final):
+        text = self.tokenizer.decode(self.ids[self.start:])
+        if not final and (len(text) <= len(self.settled_text) or text.endswith("\ufffd")):
+            return ""
+        new = text[len(self.settled_text):]
+        self.start, self.settled = self.settled, len(self.ids)
+        self.settled_text = self.tokenizer.decode(self.ids[self.start:])
+        return new
 
 
 class Choice:
@@ -97,10 +141,7 @@ class Choice:
     def __init__(self, loop, teller, prompt_ids, stops, index):
         from batching import Sequence
         self.teller, self.stops, self.index = teller, stops, index
-        # a plain model's story continues its prompt: decode them together so that the first
-        # word keeps its space; an instruct model's story starts after the prompt's BOS
-        self.prefix = [] if teller.instruct else list(prompt_ids)
-        self.prefix_text = teller.tokenizer.decode(self.prefix)
+        self.story = StoryText(teller.tokenizer, [] if teller.instruct else prompt_ids)
         self.ids, self.text, self.sent = [], "", 0
         self.finish_reason = None
         self.events = asyncio.Queue()
@@ -112,13 +153,15 @@ class Choice:
         while self.finish_reason is None:
             kind, value = await self.events.get()
             if kind == "error":
-                raise RuntimeError(value)
+                raise EngineFailed(value)
             if kind == "done":
-                self.finish_reason = value
+                self.text += self.story.flush()
+                self._unsent()  # the last text may complete a stop string
+                self.finish_reason = self.finish_reason or value
                 pending = self.text[self.sent:]
             else:
                 self.ids.append(value)
-                self.text = self.teller.tokenizer.decode(self.prefix + self.ids)[len(self.prefix_text):]
+                self.text += self.story.add(value)
                 pending = self._unsent()
             if pending:
                 self.sent += len(pending)
@@ -147,6 +190,10 @@ class Generation:
         self.request = request
         self.prompts = [teller.encode(text, request.prompt_param) for text in request.prompts]
         max_tokens = teller.budget(request, self.prompts)
+        stories = len(self.prompts) * request.n
+        if stories > teller.engine.max_queue:  # it could never be queued: not "busy", a request too big
+            raise BadRequest("n", f"{stories} stories in one request; this server queues at most "
+                                  f"{teller.engine.max_queue} (--max_queue)")
         loop = asyncio.get_running_loop()
         sampling, self.choices = request.sampling, []
         for ids in self.prompts:
@@ -162,7 +209,7 @@ class Generation:
         teller.engine.submit([c.seq for c in self.choices])
 
     def usage(self):
-        return usage([len(p) for p in self.prompts], self.request.n, [len(c.ids) for c in self.choices])
+        return usage([len(p) for p in self.prompts], [len(c.ids) for c in self.choices])
 
     async def collect(self, http_request):
         """Wait for every choice; a client that disconnects meanwhile frees its rows."""
@@ -174,22 +221,20 @@ class Generation:
                     return waiter.result()
                 if await http_request.is_disconnected():
                     return None
-        except RuntimeError as exc:
-            raise BadRequest(None, str(exc), status=500) from None
         finally:
             waiter.cancel()
             for choice in self.choices:
                 choice.seq.cancel()
 
     async def merged(self):
-        """(choice, text) as any choice produces text, until all are done."""
+        """(choice, text) as any choice produces text, and (choice, None) as each ends, until all have."""
         queue = asyncio.Queue()
 
         async def pump(choice):
             try:
                 async for text in choice.chunks():
                     await queue.put((choice, text))
-            except RuntimeError as exc:
+            except EngineFailed as exc:
                 await queue.put((choice, exc))
             await queue.put((choice, None))
 
@@ -200,10 +245,8 @@ class Generation:
                 choice, text = await queue.get()
                 if isinstance(text, Exception):
                     raise text
-                if text is None:
-                    remaining -= 1
-                else:
-                    yield choice, text
+                remaining -= text is None
+                yield choice, text
         finally:
             for task in tasks:
                 task.cancel()
@@ -222,8 +265,8 @@ async def read_body(request):
     return parse_body(data)
 
 
-def error_response(status, message, param=None, kind="invalid_request_error", headers=None):
-    return JSONResponse(error_body(message, param, kind), status_code=status, headers=headers)
+def error_response(status, message, param=None, kind="invalid_request_error", headers=None, code=None):
+    return JSONResponse(error_body(message, param, kind, code), status_code=status, headers=headers)
 
 
 def streaming(events):
@@ -243,13 +286,19 @@ async def answer_openai(http_request, request):
 
 
 async def openai_events(generation, head):
+    """The chunks of a stream: each choice's text as it comes and its finish as it ends; an
+    engine failure mid-stream is an error event, and the stream still ends with [DONE]."""
     request = generation.request
     for opening in request.opening_choices([c.index for c in generation.choices]):
         yield sse(chunk(head, opening))
-    async for choice, text in generation.merged():
-        yield sse(chunk(head, request.text_choice(choice.index, text)))
-    for c in generation.choices:
-        yield sse(chunk(head, request.finish_choice(c.index, c.finish_reason)))
+    try:
+        async for choice, text in generation.merged():
+            yield sse(chunk(head, request.text_choice(choice.index, text) if text is not None
+                            else request.finish_choice(choice.index, choice.finish_reason)))
+    except EngineFailed as exc:
+        yield sse(error_body(str(exc), kind="server_error"))
+        yield STREAM_END
+        return
     if request.include_usage:
         yield sse(usage_chunk(head, generation.usage()))
     yield STREAM_END
@@ -259,8 +308,9 @@ async def story_events(generation):
     [choice] = generation.choices
     try:
         async for _, text in generation.merged():
-            yield sse(story_text_event(text))
-    except RuntimeError as exc:  # the engine failed this story; the page shows why
+            if text is not None:
+                yield sse(story_text_event(text))
+    except EngineFailed as exc:  # the engine failed this story; the page shows why
         yield sse(story_error_event(str(exc)))
         return
     yield sse(story_summary(choice.finish_reason, len(choice.ids), time.perf_counter() - generation.began))
@@ -315,7 +365,11 @@ async def stories(request: Request):
 # ---- errors as OpenAI shapes them --------------------------------------------------------------
 
 async def bad_request(request, exc):
-    return error_response(exc.status, str(exc), exc.param)
+    return error_response(exc.status, str(exc), exc.param, code=exc.code)
+
+
+async def engine_failed(request, exc):
+    return error_response(500, str(exc), kind="server_error")
 
 
 async def queue_full(request, exc):
@@ -343,7 +397,8 @@ def create_app(teller, shutdown_timeout=30.0):
     from batching import QueueFull, ShuttingDown
     app = FastAPI(title="storyteller", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.teller = teller
-    for error, handler in [(BadRequest, bad_request), (QueueFull, queue_full), (ShuttingDown, shutting_down),
+    for error, handler in [(BadRequest, bad_request), (EngineFailed, engine_failed), (QueueFull, queue_full),
+                           (ShuttingDown, shutting_down),
                            (404, not_found), (405, wrong_method)]:
         app.add_exception_handler(error, handler)
     for method, path, endpoint in ROUTES:
@@ -377,14 +432,16 @@ def serve(args):
     check_device(args.device)
     check_address(args.host, args.port)
     model, ckpt, tokenizer = load_for_sampling(args.model_path, args.tokenizer, args.device, "float32", args.quantize)
+    prompt_format = model_prompt_format(ckpt, args.instruct, args.prompt_encoding)
     model.eval()
     engine = BatchEngine(model, (tokenizer.eos_id, tokenizer.bos_id), args.max_batch, args.max_queue,
                          compile=args.compile)
     teller = Storyteller(engine, tokenizer, ckpt, os.path.basename(os.path.normpath(args.model_path)),
-                         created=int(os.path.getmtime(args.model_path)))
+                         created=int(os.path.getmtime(args.model_path)), prompt_format=prompt_format)
     app = create_app(teller, args.shutdown_timeout)
     engine.start()
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.access_log else "warning",
+                            access_log=args.access_log,
                             timeout_graceful_shutdown=args.shutdown_timeout, lifespan="off")
     server = uvicorn.Server(config)
     kind = "instruct" if teller.instruct else "plain"
