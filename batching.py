@@ -24,6 +24,17 @@ from decoding import decoder_for, row_count_settings
 from sampling import sample
 
 
+def token_logprobs(logits, tokens, top):
+    """For each row of logits (positions, vocab) and the token that followed there: its log
+    probability and the `top` likeliest (token, log probability) pairs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [(c, []) for c in chosen]
+    values, ids = logp.topk(top, dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
+
 class QueueFull(Exception):
     """Every row is busy and the waiting queue is at its bound: the caller should retry later."""
 
@@ -36,7 +47,10 @@ class ShuttingDown(Exception):
 class Sequence:
     """One request's story: prompt ids in, sampled ids out through on_event(kind, value):
     ("token", id) per sampled token, then ("done", "stop" | "length") or ("error", message).
-    A stop token ends the story and is not reported."""
+    A stop token ends the story and is not reported. With logprobs (the number of likeliest
+    tokens to report, 0..5), each token's event comes after a ("logprob", (logprob, top pairs));
+    with echo too, a ("prompt_logprobs", [...]) event first covers the prompt's tokens after its
+    first. max_new_tokens 0 (with echo): the prompt is scored and nothing is sampled."""
     prompt_ids: List[int]
     max_new_tokens: int
     on_event: Callable[[str, object], None]
@@ -44,6 +58,8 @@ class Sequence:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     seed: Optional[int] = None
+    logprobs: Optional[int] = None
+    echo: bool = False
     generated: List[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False  # ended by a stop token or max_new_tokens, not by cancel()
@@ -202,11 +218,22 @@ class BatchEngine:
         seq.max_new_tokens = min(seq.max_new_tokens, self.context - len(seq.prompt_ids) + 1)
         self.row_caches.use(slice(row, row + 1))
         prompt = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        logits = self.decoder.prefill(prompt)
+        if seq.echo:  # every position's logits: the prompt's own log probabilities
+            positions = torch.arange(len(seq.prompt_ids), device=self.device)
+            logits = self.model.output(self.model.hidden_states(prompt, positions))[0]
+            seq.on_event("prompt_logprobs", token_logprobs(logits[:-1], seq.prompt_ids[1:], seq.logprobs))
+            logits = logits[-1:]
+        else:
+            logits = self.decoder.prefill(prompt)
         seq.pos = len(seq.prompt_ids)
         with self.cond:
             self.rows.append(seq)
-        self._take(seq, sample(logits, seq.temperature, seq.top_k, seq.top_p, seq.generator)[0])
+        if seq.max_new_tokens == 0:
+            seq.finished = True
+            seq.on_event("done", "length")
+            seq.cancel()
+            return
+        self._take(seq, sample(logits, seq.temperature, seq.top_k, seq.top_p, seq.generator)[0], logits[0])
 
     def _decode_step(self):
         rows = self.rows
@@ -218,7 +245,7 @@ class BatchEngine:
             seq.pos += 1
         for indices, token_ids in self._sample_rows(logits):
             for i, token in zip(indices, token_ids.tolist()):
-                self._take(rows[i], token)
+                self._take(rows[i], token, logits[i])
         self.steps += 1
 
     def _sample_rows(self, logits):
@@ -239,7 +266,7 @@ class BatchEngine:
             picked = logits[indices]
             yield indices, sample(picked, seq.temperature, seq.top_k, seq.top_p, seq.generator)
 
-    def _take(self, seq: Sequence, token):
+    def _take(self, seq: Sequence, token, logits=None):
         token = int(token)
         if seq.cancelled:
             return
@@ -248,6 +275,8 @@ class BatchEngine:
             seq.on_event("done", "stop")
             seq.cancel()
             return
+        if seq.logprobs is not None:
+            seq.on_event("logprob", token_logprobs(logits[None], [token], seq.logprobs)[0])
         seq.generated.append(token)
         seq.last = token
         self.tokens_out += 1

@@ -34,7 +34,7 @@ from generate import add_prompt_format_args, model_prompt_format
 from openai_api import (STREAM_END, BadRequest, ModelLimits, check_declared_size, check_received_size, chunk,
                         error_body, parse_body, parse_chat, parse_completion, parse_story, response_head, sse,
                         story_body, story_error_event, story_summary, story_text_event, text_before_stops, usage,
-                        usage_chunk, whole_body)
+                        usage_chunk, whole_body, StoryText, completion_logprobs, parse_detokenize, parse_tokenize)
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 
@@ -80,8 +80,9 @@ class Storyteller:
         self.limits = ModelLimits(name, self.context, tokenizer.vocab_size, self.instruct)
 
     def encode(self, text, param):
+        """A prompt's tokens: text laid out as the model's training data was, token ids as given."""
         from prompts import prompt_ids
-        ids = prompt_ids(self.tokenizer, text, self.instruct, self.prompt_encoding)
+        ids = text if isinstance(text, list) else prompt_ids(self.tokenizer, text, self.instruct, self.prompt_encoding)
         if len(ids) >= self.context:
             raise BadRequest(param, f"the prompt is {len(ids)} tokens; the model's context is {self.context}",
                              code="context_length_exceeded")
@@ -101,37 +102,12 @@ class Storyteller:
                              f"tokens (at most {room})", code="context_length_exceeded")
         return value
 
-
-class StoryText:
-    """A story's text as its tokens arrive, decoded in constant time per token. sentencepiece
-    knows where a space goes only from the piece before, so the tokens since the last settled
-    one are decoded again, and text is settled only once it ends in a whole character: byte
-    pieces (an emoji, most non-Latin letters) decode to U+FFFD until their last byte arrives."""
-
-    def __init__(self, tokenizer, prefix_ids):
-        # a plain model's story continues its prompt: its last pieces are decoded with the story
-        # so that the first word keeps its space; an instruct story starts after the prompt's BOS
-        self.tokenizer, self.ids = tokenizer, list(prefix_ids)
-        self.start, self.settled = max(0, len(self.ids) - 4), len(self.ids)
-        self.settled_text = tokenizer.decode(self.ids[self.start:])
-
-    def add(self, token):
-        """The text token adds, or "" while it ends in an unfinished character."""
-        self.ids.append(token)
-        return self._new_text(final=False)
-
-    def flush(self):
-        """What is held back when the story ends (an unfinished character stays U+FFFD)."""
-        return self._new_text(final=True) if len(self.ids) > self.settled else ""
-
-    def _new_text(self, final):
-        text = self.tokenizer.decode(self.ids[self.start:])
-        if not final and (len(text) <= len(self.settled_text) or text.endswith("\ufffd")):
+    def piece(self, token):
+        """A token's text as a logprobs answer shows it: its piece, with sentencepiece's ▁ as a space;
+        BOS and EOS show as nothing."""
+        if token in (self.tokenizer.bos_id, self.tokenizer.eos_id):
             return ""
-        new = text[len(self.settled_text):]
-        self.start, self.settled = self.settled, len(self.ids)
-        self.settled_text = self.tokenizer.decode(self.ids[self.start:])
-        return new
+        return self.tokenizer.sp.id_to_piece(token).replace("\u2581", " ")
 
 
 class Choice:
@@ -142,7 +118,8 @@ class Choice:
         from batching import Sequence
         self.teller, self.stops, self.index = teller, stops, index
         self.story = StoryText(teller.tokenizer, [] if teller.instruct else prompt_ids)
-        self.ids, self.text, self.sent = [], "", 0
+        self.prompt_ids, self.ids, self.text, self.sent = prompt_ids, [], "", 0
+        self.prompt_entries, self.entries = None, []  # log probabilities, where asked for
         self.finish_reason = None
         self.events = asyncio.Queue()
         self.seq = Sequence(prompt_ids, 0, lambda kind, value: loop.call_soon_threadsafe(
@@ -154,6 +131,10 @@ class Choice:
             kind, value = await self.events.get()
             if kind == "error":
                 raise EngineFailed(value)
+            if kind in ("prompt_logprobs", "logprob"):
+                self.prompt_entries = [None] + value if kind == "prompt_logprobs" else self.prompt_entries
+                self.entries += [value] if kind == "logprob" else []
+                continue
             if kind == "done":
                 self.text += self.story.flush()
                 self._unsent()  # the last text may complete a stop string
@@ -180,6 +161,18 @@ class Choice:
             pass
         return self.text
 
+    @property
+    def logprobs(self):
+        """OpenAI's logprobs of the story's tokens (after the prompt's, echoed); None unless asked for."""
+        if not self.entries and self.prompt_entries is None:
+            return None
+        echo = self.prompt_entries is not None
+        shown, decode = (self.prompt_ids if echo else []) + self.ids, self.teller.tokenizer.decode
+        # offsets in the answer's text: a plain story's is decoded after its prompt (where its first space goes)
+        before = [] if echo or self.teller.instruct else self.prompt_ids
+        offsets = [len(decode(before + shown[:i])) - len(decode(before)) for i in range(len(shown))]
+        return completion_logprobs(shown, (self.prompt_entries or []) + self.entries, self.teller.piece, offsets)
+
 
 class Generation:
     """One request's stories in flight: its prompts tokenized, its budget checked against the
@@ -202,6 +195,7 @@ class Generation:
                 choice.seq.max_new_tokens = max_tokens
                 choice.seq.temperature, choice.seq.top_k = sampling.temperature, sampling.top_k
                 choice.seq.top_p = sampling.top_p
+                choice.seq.logprobs, choice.seq.echo = getattr(request, "logprobs", None), getattr(request, "echo", False)
                 # n choices from one seed must still differ
                 choice.seq.seed = None if sampling.seed is None else sampling.seed + len(self.choices)
                 self.choices.append(choice)
@@ -281,6 +275,8 @@ async def answer_openai(http_request, request):
     head = response_head(request, teller.name)
     if not request.stream:
         await generation.collect(http_request)
+        for choice in generation.choices if getattr(request, "echo", False) else []:
+            choice.text = teller.tokenizer.decode(choice.prompt_ids) + choice.text  # the prompt as the model read it
         return whole_body(request, head, generation.choices, generation.usage())
     return streaming(openai_events(generation, {**head, "object": request.chunk_object_name}))
 
@@ -362,6 +358,24 @@ async def stories(request: Request):
     return story_body(story_request.prompts[0], choice.text, summary)
 
 
+async def tokenize(request: Request):
+    """Text to token ids as the model's tokenizer spells them; "<s>" and "</s>" alone are BOS and EOS."""
+    tokenizer = request.app.state.teller.tokenizer
+    text, add_bos = parse_tokenize(await read_body(request))
+    ids = {"<s>": [tokenizer.bos_id], "</s>": [tokenizer.eos_id]}.get(text) or tokenizer.encode(text)
+    return {"tokens": [tokenizer.bos_id] * add_bos + ids}
+
+
+async def detokenize(request: Request):
+    teller = request.app.state.teller
+    return {"prompt": teller.tokenizer.decode(parse_detokenize(await read_body(request), teller.limits))}
+
+
+async def tokenizer_info(request: Request):
+    return {"bos_token": "<s>", "eos_token": "</s>", "pad_token": None,
+            "model_max_length": request.app.state.teller.context}
+
+
 # ---- errors as OpenAI shapes them --------------------------------------------------------------
 
 async def bad_request(request, exc):
@@ -390,7 +404,8 @@ async def wrong_method(request, exc):
 
 ROUTES = [("GET", "/", page), ("GET", "/health", health), ("GET", "/v1/models", models),
           ("POST", "/v1/completions", completions), ("POST", "/v1/chat/completions", chat_completions),
-          ("POST", "/v1/stories", stories)]
+          ("POST", "/v1/stories", stories), ("POST", "/tokenize", tokenize), ("POST", "/detokenize", detokenize),
+          ("GET", "/tokenizer_info", tokenizer_info)]
 
 
 def create_app(teller, shutdown_timeout=30.0):

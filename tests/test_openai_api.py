@@ -49,9 +49,9 @@ def test_body_size_is_refused_by_its_declared_length_and_by_what_arrives():
 
 
 COMPLETION_RULES = [
-    ({"prompt": 5}, "prompt: expected a string or a non-empty list of strings"),
-    ({"prompt": []}, "prompt: expected a string or a non-empty list of strings"),
-    ({"prompt": ["a", 1]}, "prompt: expected a string or a non-empty list of strings"),
+    ({"prompt": 5}, "prompt: expected a string, a non-empty list of strings, or lists of token ids (0..511)"),
+    ({"prompt": []}, "prompt: expected a string, a non-empty list of strings, or lists of token ids (0..511)"),
+    ({"prompt": ["a", 1]}, "prompt: expected a string, a non-empty list of strings, or lists of token ids (0..511)"),
     ({"prompt": ["a"] * 9}, "prompt: 9 prompts; at most 8"),
     ({"max_tokens": "20"}, 'max_tokens: expected an integer, got "20"'),
     ({"max_tokens": True}, "max_tokens: expected an integer, got true"),
@@ -143,7 +143,10 @@ def test_text_that_is_not_unicode_is_refused_naming_the_field(body, param):
                                           ("logprobs", 2), ("logprobs", True), ("top_logprobs", 1),
                                           ("tools", [{"type": "function"}]), ("response_format", {"type": "json"})])
 def test_unsupported_fields_with_a_value_that_asks_for_something_are_refused(field, value):
-    for parse, body in [(parse_completion, {}), (parse_chat, {"messages": [{"role": "user", "content": "Hi"}]})]:
+    parsers = [(parse_chat, {"messages": [{"role": "user", "content": "Hi"}]})]
+    if field not in ("echo", "logprobs"):  # completions take those two
+        parsers.append((parse_completion, {}))
+    for parse, body in parsers:
         exc = refusal(parse, {**body, field: value}, PLAIN)
         assert (exc.param, exc.code, exc.status) == (field, "unsupported_parameter", 400)
 
@@ -155,6 +158,29 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
     # false is not 0, nor 0 false
     assert refusal(parse_completion, {"best_of": True}, PLAIN).param == "best_of"
     assert refusal(parse_completion, {"echo": 0}, PLAIN).param == "echo"
+
+
+def test_completions_take_echo_logprobs_and_token_ids():
+    request = parse_completion({"prompt": [1, 403, 407], "echo": True, "logprobs": 5, "max_tokens": 0}, PLAIN)
+    assert (request.prompts, request.echo, request.logprobs, request.max_tokens) == ([[1, 403, 407]], True, 5, 0)
+    assert parse_completion({"prompt": [[1, 2], "Once"]}, PLAIN).prompts == [[1, 2], "Once"]
+    assert parse_completion({}, PLAIN).logprobs is None and not parse_completion({}, PLAIN).echo
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"max_tokens": 0}, "max_tokens: expected 1..512, got 0"),  # nothing to answer without echo
+    ({"echo": True, "max_tokens": -1}, "max_tokens: expected 0..512, got -1"),
+    ({"logprobs": 6}, "logprobs: expected 0..5, got 6"),
+    ({"logprobs": True}, "logprobs: expected an integer, got true"),
+    ({"echo": 1}, "echo: expected true or false, got 1"),
+    ({"echo": True, "stream": True}, "echo: not with stream: ask for the whole answer"),
+    ({"logprobs": 1, "stream": True}, "logprobs: not with stream: ask for the whole answer"),
+    ({"prompt": [1, 512]}, "prompt: expected a string, a non-empty list of strings, or lists of token ids (0..511)"),
+    ({"prompt": [[1], []]}, "prompt: expected a string, a non-empty list of strings, or lists of token ids (0..511)"),
+])
+def test_echo_and_logprobs_rules(body, message):
+    exc = refusal(parse_completion, body, PLAIN)
+    assert exc.status == 400 and str(exc) == message
 
 
 @pytest.mark.parametrize("temperature, greedy", [(1e-50, True), (5e-324, True), (9e-5, True), (1e-4, False)])
@@ -220,8 +246,8 @@ def test_story_words_become_the_template_prompt_sampled_at_the_pages_defaults():
 # ---- shaping answers --------------------------------------------------------------------------------
 
 class Finished:
-    def __init__(self, index, text, finish_reason):
-        self.index, self.text, self.finish_reason = index, text, finish_reason
+    def __init__(self, index, text, finish_reason, logprobs=None):
+        self.index, self.text, self.finish_reason, self.logprobs = index, text, finish_reason, logprobs
 
 
 def test_completion_and_chat_bodies():
@@ -243,6 +269,17 @@ def test_completion_and_chat_bodies():
     body = openai_api.whole_body(chat, head, choices[:1], usage)
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Once"}, "logprobs": None,
                                 "finish_reason": "length"}]
+
+
+def test_completion_logprobs_shape():
+    entries = [None, (-0.5, [(7, -0.5), (9, -1.5)]), (-2.0, [(3, -0.1), (8, -2.0)])]
+    body = openai_api.completion_logprobs([1, 7, 8], entries, lambda t: {1: "", 7: " Once", 8: " upon"}.get(t, "x"),
+                                          [0, 0, 4])
+    assert body == {"tokens": ["", " Once", " upon"], "token_logprobs": [None, -0.5, -2.0],
+                    "top_logprobs": [None, {" Once": -0.5, "x": -1.5}, {"x": -0.1, " upon": -2.0}],
+                    "text_offset": [0, 0, 4]}
+    request = parse_completion({"logprobs": 2}, PLAIN)
+    assert openai_api.whole_body(request, {}, [Finished(0, "Once", "length", body)], {})["choices"][0]["logprobs"] == body
 
 
 def test_stream_chunks():

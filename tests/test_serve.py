@@ -645,3 +645,67 @@ def test_page_does_not_submit_an_empty_form(instruct_server, browser):
     assert browser.execute_script("return document.getElementById('verb').validity.valueMissing")
     assert browser.find_element(By.ID, "story").text == ""
     assert instruct_server.log().count("POST /v1/stories") == requests_before
+
+
+# ---- log probabilities, for evaluation harnesses ----------------------------------------------------------
+
+def forward_logprobs(ids):
+    """log p(ids[i] | ids[:i]) for i >= 1, from stories260K's own forward over the whole sequence."""
+    from checkpoints import load_model
+    model, _ = load_model(STORIES260K)
+    with torch.no_grad():
+        logits, _ = model.eval()(torch.tensor([ids]), all_logits=True)
+    logp = torch.log_softmax(logits[0].double(), dim=-1)
+    return [logp[i - 1, ids[i]].item() for i in range(1, len(ids))], logp
+
+
+def test_echo_and_logprobs_are_the_models_own(stories_server):
+    """echo with max_tokens 0 scores the prompt: null for its first token, then each token's log
+    probability and its top alternatives as the model's forward gives them; logprobs on a greedy
+    story: each token is its step's likeliest."""
+    from tokenizer import Tokenizer
+    ids = [1] + Tokenizer(TOK512).encode("Once upon a time, there was a big dog")
+    status, answer, _ = stories_server.post("/v1/completions", {"prompt": ids, "echo": True, "logprobs": 3,
+                                                                "max_tokens": 0})
+    assert status == 200, answer
+    [choice] = answer["choices"]
+    expected, logp = forward_logprobs(ids)
+    assert choice["text"] == "Once upon a time, there was a big dog" and choice["logprobs"]["token_logprobs"][0] is None
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+    tops = choice["logprobs"]["top_logprobs"]
+    assert tops[0] is None and all(len(top) == 3 for top in tops[1:])
+    assert list(tops[1].values()) == pytest.approx(logp[0].topk(3).values.tolist(), abs=1e-4)
+    assert "".join(choice["logprobs"]["tokens"]).strip() == choice["text"]
+    offsets = choice["logprobs"]["text_offset"]
+    assert [choice["text"][o:o + 5] for o in offsets[1:4]] == ["Once ", " upon", " a ti"]
+
+    greedy = stories_server.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0,
+                                                     "logprobs": 2})[1]["choices"][0]
+    story = greedy["logprobs"]
+    assert len(story["tokens"]) == 12 and "".join(story["tokens"]) == greedy["text"]
+    assert all(lp == max(top.values()) for lp, top in zip(story["token_logprobs"], story["top_logprobs"]))
+    whole = [1] + Tokenizer(TOK512).encode("Once upon a time" + greedy["text"])
+    assert story["token_logprobs"] == pytest.approx(forward_logprobs(whole)[0][-12:], abs=1e-4)
+
+
+def test_lm_evaluation_harness_scores_a_task_through_the_server(stories_server):
+    """lm-evaluation-harness's own local-completions model (with the server's /tokenize) runs a
+    small multiple-choice task of ours (tests/data/lm_eval); every loglikelihood it reports is the
+    model's own forward over the same tokens, to 1e-4."""
+    import lm_eval  # a test dependency: the Makefile's TEST_PACKAGES
+    from lm_eval.tasks import TaskManager
+    from tokenizer import Tokenizer
+    tokenizer = Tokenizer(TOK512)
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["storyteller_cloze"], log_samples=True,
+        model_args={"base_url": stories_server.url + "/v1/completions", "model": "stories260K",
+                    "tokenizer_backend": "remote", "tokenized_requests": True, "max_length": 512, "max_retries": 1},
+        task_manager=TaskManager(include_path=os.path.join(TEST_DATA, "lm_eval")))
+    samples = out["samples"]["storyteller_cloze"]
+    assert len(samples) == 4 and out["results"]["storyteller_cloze"]["acc,none"] == 1.0
+    for sample in samples:
+        for (context, continuation), [(loglikelihood, _)] in zip(sample["arguments"], sample["resps"]):
+            # the harness's own layout: no BOS, the continuation's tokens as the whole text spells them
+            context_ids = tokenizer.encode(context)
+            ids = context_ids + tokenizer.encode(context + continuation)[len(context_ids):]
+            assert loglikelihood == pytest.approx(sum(forward_logprobs(ids)[0][len(context_ids) - 1:]), abs=1e-4)
