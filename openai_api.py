@@ -441,6 +441,14 @@ def whole_body(request, head, choices, usage_body):
             "usage": usage_body}
 
 
+def token_piece(tokenizer, token):
+    """A token's text as a logprobs answer shows it: its piece, with sentencepiece's ▁ as a space;
+    BOS and EOS show as nothing."""
+    if token in (tokenizer.bos_id, tokenizer.eos_id):
+        return ""
+    return tokenizer.sp.id_to_piece(token).replace("\u2581", " ")
+
+
 def completion_logprobs(token_ids, entries, piece, offsets):
     """OpenAI's completion `logprobs`: entries[i] is token i's (log probability, [(token, log
     probability)] of the likeliest), or None (an echoed prompt's first token); piece(id) is a

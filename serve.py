@@ -3,18 +3,11 @@
     python serve.py --model_path=out/demo/instruct/ckpt.pt      # then open http://127.0.0.1:8000/
     python serve.py --model_path=stories15M.pt --quantize=int8 --port=8080
 
-Endpoints: GET / (the page), POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /health, and POST /v1/stories {verb, noun, adjective, features} (or {prompt}), which words
-the prompt as prompts.py does and encodes it as the model's training data was.
-
-Requests that arrive together are sampled together: batching.py's engine runs one step for
-every running story, and a new request joins at the next step. Past --max_batch running and
---max_queue waiting, requests are answered 503 with Retry-After. SIGTERM (or Ctrl-C) stops
-taking requests, lets running ones finish for up to --shutdown_timeout seconds, and exits 0.
-
-The chat endpoint has no chat template to follow (these models were never trained on one): the
-last user message is the prompt, read as an instruction by an instruct model and continued by
-a plain one.
+Endpoints: the page (GET /), /v1/completions (logprobs and echo too), /v1/chat/completions,
+/v1/models, /health, /tokenize, and /v1/stories {verb, noun, adjective, features} or {prompt}.
+Requests that arrive together are sampled together (batching.py). The chat endpoint has no
+chat template to follow: the last user message is the prompt. Every flag, route, limit and
+difference from OpenAI's API: docs/usage.md, serve.py.
 """
 import argparse
 import asyncio
@@ -34,7 +27,8 @@ from generate import add_prompt_format_args, model_prompt_format
 from openai_api import (STREAM_END, BadRequest, ModelLimits, check_declared_size, check_received_size, chunk,
                         error_body, parse_body, parse_chat, parse_completion, parse_story, response_head, sse,
                         story_body, story_error_event, story_summary, story_text_event, text_before_stops, usage,
-                        usage_chunk, whole_body, StoryText, completion_logprobs, parse_detokenize, parse_tokenize)
+                        usage_chunk, whole_body, StoryText, completion_logprobs, parse_detokenize, parse_tokenize,
+                        token_piece)
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 
@@ -57,6 +51,11 @@ def build_parser():
                    help="requests waiting for a row at most; past it: 503 with Retry-After")
     p.add_argument("--shutdown_timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
+    p.add_argument("--api_key", default=os.environ.get("STORYTELLER_API_KEY"),
+                   help="require `Authorization: Bearer <key>` on the API (default: $STORYTELLER_API_KEY; "
+                        "none: open); the page and /health stay open")
+    p.add_argument("--cors", default="", help="comma-separated origins whose pages may call the API from a "
+                                              "browser, e.g. http://localhost:3000 (* for any)")
     p.add_argument("--access_log", action=argparse.BooleanOptionalAction, default=True,
                    help="one line per request on stderr (uvicorn's); --no-access_log silences it")
     return p
@@ -101,13 +100,6 @@ class Storyteller:
                              f"{max(len(p) for p in prompts)} exceed the model's context of {self.context} "
                              f"tokens (at most {room})", code="context_length_exceeded")
         return value
-
-    def piece(self, token):
-        """A token's text as a logprobs answer shows it: its piece, with sentencepiece's ▁ as a space;
-        BOS and EOS show as nothing."""
-        if token in (self.tokenizer.bos_id, self.tokenizer.eos_id):
-            return ""
-        return self.tokenizer.sp.id_to_piece(token).replace("\u2581", " ")
 
 
 class Choice:
@@ -171,7 +163,8 @@ class Choice:
         # offsets in the answer's text: a plain story's is decoded after its prompt (where its first space goes)
         before = [] if echo or self.teller.instruct else self.prompt_ids
         offsets = [len(decode(before + shown[:i])) - len(decode(before)) for i in range(len(shown))]
-        return completion_logprobs(shown, (self.prompt_entries or []) + self.entries, self.teller.piece, offsets)
+        return completion_logprobs(shown, (self.prompt_entries or []) + self.entries,
+                                   lambda token: token_piece(self.teller.tokenizer, token), offsets)
 
 
 class Generation:
@@ -386,11 +379,11 @@ async def engine_failed(request, exc):
     return error_response(500, str(exc), kind="server_error")
 
 
-async def queue_full(request, exc):
-    return error_response(503, f"busy: {exc}; retry shortly", kind="server_busy", headers={"Retry-After": "1"})
-
-
-async def shutting_down(request, exc):
+async def busy(request, exc):
+    """Every row and queue place taken (retry in a second), or shutting down (in a few)."""
+    from batching import QueueFull
+    if isinstance(exc, QueueFull):
+        return error_response(503, f"busy: {exc}; retry shortly", kind="server_busy", headers={"Retry-After": "1"})
     return error_response(503, str(exc), kind="server_busy", headers={"Retry-After": "5"})
 
 
@@ -408,16 +401,35 @@ ROUTES = [("GET", "/", page), ("GET", "/health", health), ("GET", "/v1/models", 
           ("GET", "/tokenizer_info", tokenizer_info)]
 
 
-def create_app(teller, shutdown_timeout=30.0):
+def key_check(api_key):
+    """Middleware: every route but the page and /health wants `Authorization: Bearer <api_key>`."""
+    import hmac
+    expected = f"Bearer {api_key}".encode()
+
+    async def check(request, call_next):
+        given = request.headers.get("authorization", "").encode()
+        if request.url.path in ("/", "/health") or hmac.compare_digest(given, expected):
+            return await call_next(request)
+        return error_response(401, "missing or wrong API key: send the header Authorization: Bearer <key>",
+                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
+def create_app(teller, shutdown_timeout=30.0, api_key=None, cors_origins=()):
     from batching import QueueFull, ShuttingDown
+    from fastapi.middleware.cors import CORSMiddleware
     app = FastAPI(title="storyteller", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.teller = teller
-    for error, handler in [(BadRequest, bad_request), (EngineFailed, engine_failed), (QueueFull, queue_full),
-                           (ShuttingDown, shutting_down),
-                           (404, not_found), (405, wrong_method)]:
+    for error, handler in [(BadRequest, bad_request), (EngineFailed, engine_failed), (QueueFull, busy),
+                           (ShuttingDown, busy), (404, not_found), (405, wrong_method)]:
         app.add_exception_handler(error, handler)
     for method, path, endpoint in ROUTES:
         app.add_api_route(path, endpoint, methods=[method])
+    if api_key:
+        app.middleware("http")(key_check(api_key))
+    if cors_origins:  # added last, so outermost: a browser's preflight is answered before the key check
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     return app
 
 
@@ -453,7 +465,7 @@ def serve(args):
                          compile=args.compile)
     teller = Storyteller(engine, tokenizer, ckpt, os.path.basename(os.path.normpath(args.model_path)),
                          created=int(os.path.getmtime(args.model_path)), prompt_format=prompt_format)
-    app = create_app(teller, args.shutdown_timeout)
+    app = create_app(teller, args.shutdown_timeout, args.api_key, [o.strip() for o in args.cors.split(",") if o.strip()])
     engine.start()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.access_log else "warning",
                             access_log=args.access_log,

@@ -709,3 +709,27 @@ def test_lm_evaluation_harness_scores_a_task_through_the_server(stories_server):
             context_ids = tokenizer.encode(context)
             ids = context_ids + tokenizer.encode(context + continuation)[len(context_ids):]
             assert loglikelihood == pytest.approx(sum(forward_logprobs(ids)[0][len(context_ids) - 1:]), abs=1e-4)
+
+
+def test_api_key_and_cors(unicode_model):
+    """--api_key: the API wants the Bearer key (401 without it, or with another), as the openai
+    client sends it; the page and /health stay open. --cors: a browser's preflight from the named
+    origin is allowed, with the key check after it."""
+    import openai
+    with Server(unicode_model, "--api_key=s3cret", "--cors=http://localhost:3000") as server:
+        status, answer, headers = server.post("/v1/completions", {"prompt": "c", "max_tokens": 2})
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key" and headers["www-authenticate"] == "Bearer"
+        wrong = server.post("/v1/completions", {"prompt": "c"}, headers={"Authorization": "Bearer s3cre"})
+        assert wrong[0] == 401 and server.get("/health")[0] == 200 and server.get("/")[0] == 200
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0, timeout=30)
+        assert client.completions.create(model="m", prompt="c", temperature=0).choices[0].text == UNICODE_STORY[1:]
+        preflight = server.request("OPTIONS", "/v1/completions", headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight[0] == 200 and preflight[2]["access-control-allow-origin"] == "http://localhost:3000"
+        other = server.request("OPTIONS", "/v1/completions", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other[2]
+        answered = server.post("/v1/completions", {"prompt": "c", "max_tokens": 2},
+                               headers={"Authorization": "Bearer s3cret", "Origin": "http://localhost:3000"})
+        assert answered[0] == 200 and answered[2]["access-control-allow-origin"] == "http://localhost:3000"
