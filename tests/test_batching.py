@@ -198,3 +198,23 @@ def test_a_scored_prompt_beside_running_rows(make_engine, alone):
     assert kinds[:-1] == ["logprob", "token"] * 15 and kinds[-1] == "done"
     for (_, (logprob, top)), token in zip(running.events[0::2], running.generated):
         assert top[0] == (token, logprob) and len(top) == 2  # greedy: the likeliest
+
+
+def test_joining_rows_are_prefilled_together_and_attend_over_the_positions_in_use(make_engine, alone, monkeypatch):
+    """Three requests that arrive together: one prefill call for all (not one each, which would
+    stall the running rows three times); every decode step reads only the cache positions the
+    rows can see, rounded up to a power of two, not the whole 512-position context."""
+    engine = make_engine(max_batch=3)
+    calls, prefill = [], engine.decoder.prefill
+    monkeypatch.setattr(engine.decoder, "prefill", lambda tokens, lengths=None: calls.append(tokens.shape) or
+                        prefill(tokens, lengths))
+    seqs = [story(PROMPTS[i], 40) for i in (0, 2, 4)]
+    engine.submit(seqs)
+    engine.run_step()
+    assert calls == [(3, len(PROMPTS[4]))]
+    cache = engine.model.layers[0].attention.kv_cache
+    assert cache.k.shape[2] == 32 and cache.all_k.shape[2] == 512
+    run_until_idle(engine)
+    assert cache.k.shape[2] == 64  # the longest row reached position 7 + 39 = 46
+    for seq, i in zip(seqs, (0, 2, 4)):
+        assert seq.generated == alone(tuple(PROMPTS[i]), 40)
