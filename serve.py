@@ -123,9 +123,11 @@ class Choice:
             kind, value = await self.events.get()
             if kind == "error":
                 raise EngineFailed(value)
-            if kind in ("prompt_logprobs", "logprob"):
-                self.prompt_entries = [None] + value if kind == "prompt_logprobs" else self.prompt_entries
-                self.entries += [value] if kind == "logprob" else []
+            if kind == "prompt_logprobs":  # the first token has no context to be scored in
+                self.prompt_entries = [None] + value
+                continue
+            if kind == "logprob":  # the next token's
+                self.entries.append(value)
                 continue
             if kind == "done":
                 self.text += self.story.flush()

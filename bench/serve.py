@@ -226,16 +226,21 @@ def beside_llama_server(args):
         ours = [sys.executable, os.path.join(ROOT, "serve.py"), f"--model_path={paths['ckpt.pt']}", "--max_batch=32",
                 "--max_queue=64", "--no-access_log"]
         servers = [("serve.py float32", lambda port: ours + [f"--port={port}"]),
-                   ("serve.py int8", lambda port: ours + [f"--port={port}", "--quantize=int8"])]
+                   ("serve.py int8", lambda port: ours + [f"--port={port}", "--quantize=int8"]),
+                   ("serve.py float32 --compile", lambda port: ours + [f"--port={port}", "--compile"])]
         for label, gguf in (("llama-server f32", "f32.gguf"), ("llama-server Q8_0", "q8_0.gguf")):
             servers.append((label, lambda port, gguf=gguf: [
                 args.llama_server, "-m", paths[gguf], "-t", str(args.threads), "-np", "32",
-                "-c", str(32 * STORIES15M_SHAPE["max_seq_len"]), "--port", str(port)]))
+                "-c", str(32 * STORIES15M_SHAPE["max_seq_len"]), "--port", str(port),
+                # weight repacking (the AMX int8 path on Intel) dies of SIGILL on our VMs at load
+                "--no-repack"]))
         print(f"streamed greedy /v1/completions of {args.max_tokens} tokens, stories15M-shaped random weights, "
               f"{args.threads} threads; requests per run: one per client (at least 4)")
         print("| server | clients | tokens/s | p50 latency | p99 latency | time to first token p50 |")
         print("|---|---|---|---|---|---|")
         for label, command in servers:
+            if args.only and args.only not in label:
+                continue
             port = free_port()
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             process = subprocess.Popen(command(port), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -290,6 +295,7 @@ def main():
     p.add_argument("--tokenizer", help="with --llama_server: a 32,000-piece sentencepiece model")
     p.add_argument("--concurrency", default="1,8,16,32", help="with --llama_server: concurrent clients per run")
     p.add_argument("--threads", type=int, default=2, help="with --llama_server: threads for each server")
+    p.add_argument("--only", help="with --llama_server: only the servers whose label contains this")
     p.add_argument("--model_path", help="default: random weights in the quickstart's shape")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests_per_client", type=int, default=2)
