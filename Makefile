@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
 TORCH ?= torch>=2.13
-TEST_PACKAGES ?= pytest>=7 transformers>=4.40 accelerate hypothesis>=6 openai>=1.30 selenium>=4.11
+TEST_PACKAGES ?= pytest>=7 transformers>=4.40 accelerate hypothesis>=6 openai>=1.30 selenium>=4.11 lm-eval[api]==0.4.13
 PYTEST_ARGS ?= -q
 
 .PHONY: demo demo-pipeline demo-data demo-finetune demo-finetune-pipeline test venv

@@ -24,6 +24,17 @@ from decoding import decoder_for, row_count_settings
 from sampling import sample
 
 
+def token_logprobs(logits, tokens, top):
+    """For each row of logits (positions, vocab) and the token that followed there: its log
+    probability and the `top` likeliest (token, log probability) pairs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [(c, []) for c in chosen]
+    values, ids = logp.topk(top, dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
+
 class QueueFull(Exception):
     """Every row is busy and the waiting queue is at its bound: the caller should retry later."""
 
@@ -36,7 +47,10 @@ class ShuttingDown(Exception):
 class Sequence:
     """One request's story: prompt ids in, sampled ids out through on_event(kind, value):
     ("token", id) per sampled token, then ("done", "stop" | "length") or ("error", message).
-    A stop token ends the story and is not reported."""
+    A stop token ends the story and is not reported. With logprobs (the number of likeliest
+    tokens to report, 0..5), each token's event comes after a ("logprob", (logprob, top pairs));
+    with echo too, a ("prompt_logprobs", [...]) event first covers the prompt's tokens after its
+    first. max_new_tokens 0 (with echo): the prompt is scored and nothing is sampled."""
     prompt_ids: List[int]
     max_new_tokens: int
     on_event: Callable[[str, object], None]
@@ -44,6 +58,8 @@ class Sequence:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     seed: Optional[int] = None
+    logprobs: Optional[int] = None
+    echo: bool = False
     generated: List[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False  # ended by a stop token or max_new_tokens, not by cancel()
@@ -68,9 +84,13 @@ class RowCaches:
         model.setup_cache(max_rows, model.args.max_seq_len)
         self.caches = [layer.attention.kv_cache for layer in model.layers]
 
-    def use(self, rows: slice):
-        """The model's next call reads and writes these rows of the cache."""
-        self.model.select_cache_rows(rows)
+    def use(self, rows: slice, positions: int):
+        """The model's next call reads and writes these rows of the cache, and attends over its
+        first `positions` positions only: rounded up to a power of two (32 at least), so that a
+        compiled step sees few shapes."""
+        bucket = min(self.model.args.max_seq_len, max(32, 1 << (positions - 1).bit_length()))
+        for cache in self.caches:
+            cache.select_positions(rows, bucket)
 
     def move(self, source: int, dest: int):
         """Row source's keys and values into row dest (a leaving row's slot refilled)."""
@@ -111,7 +131,7 @@ class BatchEngine:
         keys and values they write are overwritten by each row's prefill."""
         with torch.inference_mode():
             for rows in sorted({1, min(2, self.max_batch)}):
-                self.row_caches.use(slice(0, rows))
+                self.row_caches.use(slice(0, rows), self.context)
                 token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
                 self._decode(token, position)
 
@@ -174,8 +194,7 @@ class BatchEngine:
             while self.waiting and len(self.rows) + len(joining) < self.max_batch:
                 joining.append(self.waiting.popleft())
         try:
-            for seq in joining:
-                self._prefill(seq)
+            self._prefill(joining)
             self._free_rows()
             if self.rows:
                 self._decode_step()
@@ -189,28 +208,52 @@ class BatchEngine:
             with self.cond:
                 self.rows = []
 
-    def _prefill(self, seq: Sequence):
-        """The prompt through the model in the next free row (the row's own cache, positions
-        0..len-1, as generate.py's prefill); its first token is sampled at once."""
-        if seq.cancelled:
+    def _prefill(self, joining: List[Sequence]):
+        """The joining prompts through the model together, one call for all (as generate.py's
+        batched prefill: right-padded, each row in the next free row of the cache, positions
+        0..len-1), and each one's first token sampled at once. An echo row needs every
+        position's logits, not just its last: it goes alone."""
+        joining = [s for s in joining if not s.cancelled]
+        for seq in joining:
+            seq.started_at = time.perf_counter()
+            if seq.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
+            # the last new token is never fed back in, so prompt + new - 1 positions must fit
+            seq.max_new_tokens = min(seq.max_new_tokens, self.context - len(seq.prompt_ids) + 1)
+        for batch in [[s] for s in joining if s.echo] + [[s for s in joining if not s.echo]]:
+            if not batch:
+                continue
+            first, width = len(self.rows), max(len(s.prompt_ids) for s in batch)
+            self.row_caches.use(slice(first, first + len(batch)), width)
+            prompts = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
+            for i, seq in enumerate(batch):
+                prompts[i, :len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
+            if batch[0].echo:  # every position's logits: the prompt's own log probabilities
+                [seq] = batch
+                logits = self.model.output(self.model.hidden_states(prompts, torch.arange(width, device=self.device)))[0]
+                seq.on_event("prompt_logprobs", token_logprobs(logits[:-1], seq.prompt_ids[1:], seq.logprobs))
+                logits = logits[-1:]
+            else:
+                lengths = torch.tensor([len(s.prompt_ids) for s in batch], device=self.device)
+                logits = self.decoder.prefill(prompts, lengths)
+            with self.cond:
+                self.rows += batch
+            for i, seq in enumerate(batch):
+                seq.pos = len(seq.prompt_ids)
+                self._first_token(seq, logits[i])
+
+    def _first_token(self, seq: Sequence, logits):
+        if seq.max_new_tokens == 0:  # echo alone: the prompt scored, nothing sampled
+            seq.finished = True
+            seq.on_event("done", "length")
+            seq.cancel()
             return
-        row = len(self.rows)
-        seq.started_at = time.perf_counter()
-        if seq.seed is not None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
-        # the last new token is never fed back in, so prompt + new - 1 positions must fit
-        seq.max_new_tokens = min(seq.max_new_tokens, self.context - len(seq.prompt_ids) + 1)
-        self.row_caches.use(slice(row, row + 1))
-        prompt = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        logits = self.decoder.prefill(prompt)
-        seq.pos = len(seq.prompt_ids)
-        with self.cond:
-            self.rows.append(seq)
-        self._take(seq, sample(logits, seq.temperature, seq.top_k, seq.top_p, seq.generator)[0])
+        self._take(seq, sample(logits[None], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0], logits)
 
     def _decode_step(self):
         rows = self.rows
-        self.row_caches.use(slice(0, len(rows)))
+        # compiled, the step keeps the whole cache: a new cache length would cost a recompile
+        self.row_caches.use(slice(0, len(rows)), self.context if self.compiled else max(s.pos for s in rows) + 1)
         tokens = torch.tensor([[s.last] for s in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.pos] for s in rows], dtype=torch.long, device=self.device)
         logits = self._decode(tokens, positions)
@@ -218,7 +261,7 @@ class BatchEngine:
             seq.pos += 1
         for indices, token_ids in self._sample_rows(logits):
             for i, token in zip(indices, token_ids.tolist()):
-                self._take(rows[i], token)
+                self._take(rows[i], token, logits[i])
         self.steps += 1
 
     def _sample_rows(self, logits):
@@ -239,7 +282,7 @@ class BatchEngine:
             picked = logits[indices]
             yield indices, sample(picked, seq.temperature, seq.top_k, seq.top_p, seq.generator)
 
-    def _take(self, seq: Sequence, token):
+    def _take(self, seq: Sequence, token, logits=None):
         token = int(token)
         if seq.cancelled:
             return
@@ -248,6 +291,8 @@ class BatchEngine:
             seq.on_event("done", "stop")
             seq.cancel()
             return
+        if seq.logprobs is not None:
+            seq.on_event("logprob", token_logprobs(logits[None], [token], seq.logprobs)[0])
         seq.generated.append(token)
         seq.last = token
         self.tokens_out += 1

@@ -97,6 +97,11 @@ class KVCache(nn.Module):
         batching keeps its running sequences in the first rows and computes just those."""
         self.k, self.v = self.all_k[rows], self.all_v[rows]
 
+    def select_positions(self, rows: slice, positions: int):
+        """select_rows, and of those rows only the first `positions` positions: attention then
+        reads as much of the cache as the rows can see, not max_seq_len (serve.py's batching)."""
+        self.k, self.v = self.all_k[rows, :, :positions], self.all_v[rows, :, :positions]
+
     def copy_row(self, source: int, dest: int):
         self.all_k[dest].copy_(self.all_k[source])
         self.all_v[dest].copy_(self.all_v[source])

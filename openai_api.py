@@ -12,14 +12,23 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import ClassVar, List, Optional
+from typing import ClassVar, List, Optional, Union
 
 from prompts import build_prompt
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_CHOICES = 8  # n times the number of prompts, per request
 MAX_STOP_STRINGS = 4  # OpenAI's limit
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions
+# a temperature this small already picks the likeliest token unless two logits lie within 1e-3 of
+# each other, and far smaller ones overflow float32 when the logits are divided by them: greedy
+GREEDY_BELOW = 1e-4
+# OpenAI fields we do not implement, with the values that ask for nothing (accepted as the
+# neutral default); any other value is refused, naming the field, rather than silently ignored
+NEUTRAL_VALUES = {"best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+                  "logit_bias": (None, {}), "suffix": (None, ""), "echo": (None, False),
+                  "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+                  "response_format": (None, {"type": "text"})}
 WORD = re.compile(r"[A-Za-z][A-Za-z'-]{0,29}")
 STREAM_END = "data: [DONE]\n\n"
 
@@ -27,9 +36,9 @@ STREAM_END = "data: [DONE]\n\n"
 class BadRequest(Exception):
     """A request we refuse: its status (400 unless said), the field it names and why."""
 
-    def __init__(self, param, message, status=400):
+    def __init__(self, param, message, status=400, code=None):
         super().__init__(f"{param}: {message}" if param else message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code  # code: OpenAI's, e.g. context_length_exceeded
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,7 @@ class Sampling:
 class GenerationRequest:
     """What every endpoint asks of the model: prompts (text, not yet tokens: the tokenizer is
     the model's side), a budget of new tokens, how to sample, and how to answer."""
-    prompts: List[str]
+    prompts: List[Union[str, List[int]]]  # text, or token ids as given (no BOS added)
     prompt_param: str  # the field a prompt the model cannot take is blamed on
     max_tokens: Optional[int]  # None: the endpoint's default, else as much as the context leaves
     max_tokens_param: str  # max_tokens, or max_completion_tokens where only that was given
@@ -62,19 +71,19 @@ class GenerationRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
-    default_max_tokens: ClassVar[Optional[int]] = None
 
 
 @dataclass
 class CompletionRequest(GenerationRequest):
-    default_max_tokens: ClassVar[Optional[int]] = COMPLETIONS_DEFAULT_MAX_TOKENS
+    echo: bool = False  # the prompt's text (and with logprobs its log probabilities) before the story
+    logprobs: Optional[int] = None  # per token its log probability and this many likeliest alternatives
     id_prefix: ClassVar[str] = "cmpl"
     object_name: ClassVar[str] = "text_completion"
     chunk_object_name: ClassVar[str] = "text_completion"
 
     @staticmethod
-    def choice(index, text, finish_reason):
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(index, text, finish_reason, logprobs=None):
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     @staticmethod
     def opening_choices(indexes):
@@ -91,14 +100,7 @@ class CompletionRequest(GenerationRequest):
 
 @dataclass
 class ChatRequest(GenerationRequest):
-    id_prefix: ClassVar[str] = "chatcmpl"
-    object_name: ClassVar[str] = "chat.completion"
-    chunk_object_name: ClassVar[str] = "chat.completion.chunk"
-
-    @staticmethod
-    def choice(index, text, finish_reason):
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
+    """The answer is an assistant message; a stream opens with its role."""
 
     @staticmethod
     def opening_choices(indexes):
@@ -107,12 +109,21 @@ class ChatRequest(GenerationRequest):
                 for i in indexes]
 
     @staticmethod
+    def choice(index, text, finish_reason, logprobs=None):
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish_reason}
+
+    @staticmethod
     def text_choice(index, text):
         return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
 
     @staticmethod
     def finish_choice(index, finish_reason):
         return {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+
+    id_prefix: ClassVar[str] = "chatcmpl"
+    object_name: ClassVar[str] = "chat.completion"
+    chunk_object_name: ClassVar[str] = "chat.completion.chunk"
 
 
 @dataclass
@@ -198,24 +209,47 @@ def _choices_per_prompt(body, prompts):
     return n
 
 
-def _budget_and_sampling(body, limits, temperature=1.0, top_k=None):
+def _budget_and_sampling(body, limits, temperature=1.0, top_k=None, fewest_tokens=1):
     """max_tokens (or max_completion_tokens) and the sampling settings: the fields every endpoint reads.
     Whether max_tokens fits beside the prompt is the model's side to check, once it is tokenized."""
     name = "max_completion_tokens" if body.get("max_tokens") is None and \
         body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, name, None, 1, limits.context, integer=True)
+    max_tokens = _number(body, name, None, fewest_tokens, limits.context, integer=True)
     top_p = _number(body, "top_p", 1.0, 0, 1)
     if top_p == 0:  # OpenAI takes 0 too; the nucleus then holds just the likeliest token
         top_p = 1e-9
-    sampling = Sampling(temperature=_number(body, "temperature", temperature, 0, 2), top_p=top_p,
+    temperature = _number(body, "temperature", temperature, 0, 2)
+    sampling = Sampling(temperature=0 if temperature < GREEDY_BELOW else temperature, top_p=top_p,
                         top_k=_number(body, "top_k", top_k, 1, limits.vocab_size, integer=True),
                         seed=_number(body, "seed", None, 0, 2**62, integer=True))
     return dict(max_tokens=max_tokens, max_tokens_param=name, sampling=sampling)
 
 
-def _openai_fields(body, limits, prompts):
+def _unsupported(body, supported=()):
+    for name, neutral in NEUTRAL_VALUES.items():
+        if name in supported:
+            continue
+        value = body.get(name)
+        # 0 == False to Python, not to JSON
+        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                         for v in neutral):
+            raise BadRequest(name, f"not supported by this server; leave it out (got {json.dumps(value)[:40]})",
+                             code="unsupported_parameter")
+
+
+def text_field(value, where):
+    """A string the tokenizer can take: valid Unicode (JSON lets a lone surrogate such as \\ud800 through)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(where, f"not valid Unicode text ({exc.reason} at character {exc.start})") from None
+    return value
+
+
+def _openai_fields(body, limits, prompts, supported=(), fewest_tokens=1):
     """The fields completions and chat share, in the order they are checked."""
-    fields = _budget_and_sampling(body, limits)
+    _unsupported(body, supported)
+    fields = _budget_and_sampling(body, limits, fewest_tokens=fewest_tokens)
     fields.update(stops=_stop_strings(body), stream=_bool(body, "stream"), include_usage=_include_usage(body))
     fields["n"] = _choices_per_prompt(body, prompts)
     return fields
@@ -224,26 +258,42 @@ def _openai_fields(body, limits, prompts):
 def message_text(content, where):
     """A message's content: a string, or OpenAI's list of {type: text, text} parts."""
     if isinstance(content, str):
-        return content
+        return text_field(content, where)
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        return text_field("".join(p["text"] for p in content), where)
     raise BadRequest(where, "expected a string or a list of {\"type\": \"text\", \"text\": ...} parts")
 
 
 # ---- the three requests ---------------------------------------------------------------------------
 
-def parse_completion(body, limits):
-    prompt = body.get("prompt", "")
+def _token_ids(value, limits):
+    return (isinstance(value, list) and value and
+            all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < limits.vocab_size for t in value))
+
+
+def _completion_prompts(prompt, limits):
+    """A string, a list of strings, a list of token ids, or a list of such lists (as OpenAI takes)."""
     if isinstance(prompt, str):
-        texts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        texts = prompt
-    else:
-        raise BadRequest("prompt", "expected a string or a non-empty list of strings")
-    if len(texts) > MAX_CHOICES:
-        raise BadRequest("prompt", f"{len(texts)} prompts; at most {MAX_CHOICES}")
-    return CompletionRequest(prompts=texts, prompt_param="prompt", **_openai_fields(body, limits, len(texts)))
+        return [text_field(prompt, "prompt")]
+    if _token_ids(prompt, limits):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_ids(p, limits) for p in prompt):
+        if len(prompt) > MAX_CHOICES:
+            raise BadRequest("prompt", f"{len(prompt)} prompts; at most {MAX_CHOICES}")
+        return [text_field(p, f"prompt[{i}]") if isinstance(p, str) else p for i, p in enumerate(prompt)]
+    raise BadRequest("prompt", f"expected a string, a non-empty list of strings, or lists of token ids "
+                               f"(0..{limits.vocab_size - 1})")
+
+
+def parse_completion(body, limits):
+    prompts = _completion_prompts(body.get("prompt", ""), limits)
+    echo = _bool(body, "echo")
+    logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    fields = _openai_fields(body, limits, len(prompts), supported=("echo", "logprobs"), fewest_tokens=0 if echo else 1)
+    if fields["stream"] and (echo or logprobs is not None):
+        raise BadRequest("echo" if echo else "logprobs", "not with stream: ask for the whole answer")
+    return CompletionRequest(prompts=prompts, prompt_param="prompt", echo=echo, logprobs=logprobs, **fields)
 
 
 def parse_chat(body, limits):
@@ -269,7 +319,7 @@ def _story_prompt(body, limits):
         text = body.get("prompt", "")
         if not isinstance(text, str):
             raise BadRequest("prompt", "expected a string")
-        return text
+        return text_field(text, "prompt")
     if not limits.instruct:
         raise BadRequest("verb", f"{limits.name} is a plain storyteller, not an instruct one: "
                                  f"send a prompt to continue instead")
@@ -277,8 +327,10 @@ def _story_prompt(body, limits):
         raise BadRequest("prompt", "give either prompt or verb/noun/adjective, not both")
     verb, noun, adjective = (_word(body, k) for k in ("verb", "noun", "adjective"))
     features = body.get("features") or []
+    if isinstance(features, str):  # "dialogue,twist", as generate.py's --features takes them
+        features = [f for f in features.split(",") if f.strip()]
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
-        raise BadRequest("features", "expected a list of feature names")
+        raise BadRequest("features", "expected a list of feature names or one comma-separated string of them")
     try:
         return build_prompt(verb, noun, adjective, features)
     except ValueError as exc:
@@ -294,16 +346,32 @@ def parse_story(body, limits):
     return StoryRequest(prompts=[prompt], prompt_param="prompt", stream=stream, **fields)
 
 
+def parse_tokenize(body):
+    """/tokenize (as vLLM's and lm-evaluation-harness's remote tokenizer ask it): (text, add BOS)."""
+    text = body.get("prompt")
+    if not isinstance(text, str):
+        raise BadRequest("prompt", "expected a string")
+    return text_field(text, "prompt"), _bool(body, "add_special_tokens")
+
+
+def parse_detokenize(body, limits):
+    tokens = body.get("tokens")
+    if tokens != [] and not _token_ids(tokens, limits):
+        raise BadRequest("tokens", f"expected a list of token ids (0..{limits.vocab_size - 1})")
+    return tokens
+
+
 # ---- stop strings: text the client may see yet ------------------------------------------------------
 
 def text_before_stops(text, sent, stops):
-    """(text, stopped, end): the text cut at the first stop string found (in the order given),
-    or else the text whole with `end` held back while its tail could still become one. Text up
-    to `sent` has gone to the client already."""
-    for stop in stops:
-        at = text.find(stop)
-        if at >= 0:
-            return text[:at], True, at
+    """(text, stopped, end): the text cut at the earliest stop string in it, or else the text
+    whole with `end` held back while its tail could still become one. Text up to `sent` has
+    gone to the client already, and held no stop string: only its last few characters are
+    searched again."""
+    found = [at for at in (text.find(stop, max(0, sent - len(stop) + 1)) for stop in stops) if at >= 0]
+    if found:
+        at = min(found)
+        return text[:at], True, at
     hold = max((len(s) - 1 for s in stops), default=0)
     safe = len(text)
     for cut in range(max(sent, safe - hold), safe):
@@ -313,10 +381,44 @@ def text_before_stops(text, sent, stops):
     return text, False, safe
 
 
+# ---- a story's text as its tokens arrive ------------------------------------------------------------
+
+class StoryText:
+    """A story's text as its tokens arrive, decoded in constant time per token. sentencepiece
+    knows where a space goes only from the piece before, so the tokens since the last settled
+    one are decoded again, and text is settled only once it ends in a whole character: byte
+    pieces (an emoji, most non-Latin letters) decode to U+FFFD until their last byte arrives."""
+
+    def __init__(self, tokenizer, prefix_ids):
+        # a plain model's story continues its prompt: its last pieces are decoded with the story
+        # so that the first word keeps its space; an instruct story starts after the prompt's BOS
+        self.tokenizer, self.ids = tokenizer, list(prefix_ids)
+        self.start, self.settled = max(0, len(self.ids) - 4), len(self.ids)
+        self.settled_text = tokenizer.decode(self.ids[self.start:])
+
+    def add(self, token):
+        """The text token adds, or "" while it ends in an unfinished character."""
+        self.ids.append(token)
+        return self._new_text(final=False)
+
+    def flush(self):
+        """What is held back when the story ends (an unfinished character stays U+FFFD)."""
+        return self._new_text(final=True) if len(self.ids) > self.settled else ""
+
+    def _new_text(self, final):
+        text = self.tokenizer.decode(self.ids[self.start:])
+        if not final and (len(text) <= len(self.settled_text) or text.endswith("\ufffd")):
+            return ""
+        new = text[len(self.settled_text):]
+        self.start, self.settled = self.settled, len(self.ids)
+        self.settled_text = self.tokenizer.decode(self.ids[self.start:])
+        return new
+
+
 # ---- shaping answers --------------------------------------------------------------------------------
 
-def error_body(message, param=None, kind="invalid_request_error"):
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error_body(message, param=None, kind="invalid_request_error", code=None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def response_head(request, model):
@@ -325,17 +427,35 @@ def response_head(request, model):
             "created": int(time.time()), "model": model}
 
 
-def usage(prompt_lengths, n, completion_lengths):
-    prompt_tokens = sum(prompt_lengths) * n
+def usage(prompt_lengths, completion_lengths):
+    """Each prompt is counted once, however many choices were sampled from it (as OpenAI counts)."""
+    prompt_tokens = sum(prompt_lengths)
     completion_tokens = sum(completion_lengths)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
 def whole_body(request, head, choices, usage_body):
-    """The answer not streamed; choices: anything with index, text and finish_reason."""
-    return {**head, "choices": [request.choice(c.index, c.text, c.finish_reason) for c in choices],
+    """The answer not streamed; choices: anything with index, text, finish_reason and logprobs."""
+    return {**head, "choices": [request.choice(c.index, c.text, c.finish_reason, c.logprobs) for c in choices],
             "usage": usage_body}
+
+
+def token_piece(tokenizer, token):
+    """A token's text as a logprobs answer shows it: its piece, with sentencepiece's ▁ as a space;
+    BOS and EOS show as nothing."""
+    if token in (tokenizer.bos_id, tokenizer.eos_id):
+        return ""
+    return tokenizer.sp.id_to_piece(token).replace("\u2581", " ")
+
+
+def completion_logprobs(token_ids, entries, piece, offsets):
+    """OpenAI's completion `logprobs`: entries[i] is token i's (log probability, [(token, log
+    probability)] of the likeliest), or None (an echoed prompt's first token); piece(id) is a
+    token's text; offsets, where each token's text starts in the answer's text."""
+    return {"tokens": [piece(t) for t in token_ids], "token_logprobs": [None if e is None else e[0] for e in entries],
+            "top_logprobs": [None if e is None else {piece(t): v for t, v in e[1]} for e in entries],
+            "text_offset": offsets}
 
 
 def chunk(head, choice):

@@ -3,18 +3,11 @@
     python serve.py --model_path=out/demo/instruct/ckpt.pt      # then open http://127.0.0.1:8000/
     python serve.py --model_path=stories15M.pt --quantize=int8 --port=8080
 
-Endpoints: GET / (the page), POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /health, and POST /v1/stories {verb, noun, adjective, features} (or {prompt}), which words
-the prompt as prompts.py does and encodes it as the model's training data was.
-
-Requests that arrive together are sampled together: batching.py's engine runs one step for
-every running story, and a new request joins at the next step. Past --max_batch running and
---max_queue waiting, requests are answered 503 with Retry-After. SIGTERM (or Ctrl-C) stops
-taking requests, lets running ones finish for up to --shutdown_timeout seconds, and exits 0.
-
-The chat endpoint has no chat template to follow (these models were never trained on one): the
-last user message is the prompt, read as an instruction by an instruct model and continued by
-a plain one.
+Endpoints: the page (GET /), /v1/completions (logprobs and echo too), /v1/chat/completions,
+/v1/models, /health, /tokenize, and /v1/stories {verb, noun, adjective, features} or {prompt}.
+Requests that arrive together are sampled together (batching.py). The chat endpoint has no
+chat template to follow: the last user message is the prompt. Every flag, route, limit and
+difference from OpenAI's API: docs/usage.md, serve.py.
 """
 import argparse
 import asyncio
@@ -28,12 +21,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from cli import OneLineParser, UsageError, check_device, default_device, positive_int, report_error, run_main
+from generate import add_prompt_format_args, model_prompt_format
 # the wire format (bodies parsed and shaped) is openai_api.py's; here, the HTTP routes and the bridge
 # from typed requests to the batching engine
 from openai_api import (STREAM_END, BadRequest, ModelLimits, check_declared_size, check_received_size, chunk,
                         error_body, parse_body, parse_chat, parse_completion, parse_story, response_head, sse,
                         story_body, story_error_event, story_summary, story_text_event, text_before_stops, usage,
-                        usage_chunk, whole_body)
+                        usage_chunk, whole_body, StoryText, completion_logprobs, parse_detokenize, parse_tokenize,
+                        token_piece)
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 
@@ -42,6 +37,7 @@ def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True, help="checkpoint: .pt, llama2.c .bin, LoRA adapter")
     p.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's own)")
+    add_prompt_format_args(p)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines too")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=default_device())
@@ -55,38 +51,54 @@ def build_parser():
                    help="requests waiting for a row at most; past it: 503 with Retry-After")
     p.add_argument("--shutdown_timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
+    p.add_argument("--api_key", default=os.environ.get("STORYTELLER_API_KEY"),
+                   help="require `Authorization: Bearer <key>` on the API (default: $STORYTELLER_API_KEY; "
+                        "none: open); the page and /health stay open")
+    p.add_argument("--cors", default="", help="comma-separated origins whose pages may call the API from a "
+                                              "browser, e.g. http://localhost:3000 (* for any)")
+    p.add_argument("--access_log", action=argparse.BooleanOptionalAction, default=True,
+                   help="one line per request on stderr (uvicorn's); --no-access_log silences it")
     return p
 
 
 # ---- the bridge: typed requests in, token events from the engine out -----------------------------
 
+class EngineFailed(Exception):
+    """The engine failed a story (a bug, out of memory): the server's fault, not the request's."""
+
+
 class Storyteller:
     """The model and its tokenizer as the HTTP side sees them: prompts in, token events out."""
 
-    def __init__(self, engine, tokenizer, ckpt, name, created=0):
-        self.engine, self.tokenizer, self.ckpt, self.name = engine, tokenizer, ckpt, name
-        self.instruct = ckpt.is_instruct
+    def __init__(self, engine, tokenizer, ckpt, name, created=0, prompt_format=None):
+        self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        prompt_format = prompt_format or model_prompt_format(ckpt)
+        self.instruct, self.prompt_encoding = prompt_format["is_instruct"], prompt_format["prompt_encoding"]
         self.context = ckpt.model_args.max_seq_len
         self.created = created  # the model file's time, as /v1/models reports it
         self.limits = ModelLimits(name, self.context, tokenizer.vocab_size, self.instruct)
 
     def encode(self, text, param):
+        """A prompt's tokens: text laid out as the model's training data was, token ids as given."""
         from prompts import prompt_ids
-        ids = prompt_ids(self.tokenizer, text, self.instruct, self.ckpt.prompt_encoding)
+        ids = text if isinstance(text, list) else prompt_ids(self.tokenizer, text, self.instruct, self.prompt_encoding)
         if len(ids) >= self.context:
-            raise BadRequest(param, f"the prompt is {len(ids)} tokens; the model's context is {self.context}")
+            raise BadRequest(param, f"the prompt is {len(ids)} tokens; the model's context is {self.context}",
+                             code="context_length_exceeded")
         return ids
 
     def budget(self, request, prompts):
-        """The request's max_tokens, checked against the context left by the longest prompt."""
-        room = self.context - max(len(p) for p in prompts)
+        """The request's max_tokens, checked against the context left by the longest prompt; without
+        one, the story runs until it ends or the context is full (as generate.py's does)."""
+        # the last new token is never fed back in: a prompt of p tokens leaves context - p + 1
+        room = self.context - max(len(p) for p in prompts) + 1
         value = request.max_tokens
         if value is None:
-            return min(request.default_max_tokens or room, room)
+            return room
         if value > room:
             raise BadRequest(request.max_tokens_param, f"{value} new tokens after a prompt of "
                              f"{max(len(p) for p in prompts)} exceed the model's context of {self.context} "
-                             f"tokens (at most {room})")
+                             f"tokens (at most {room})", code="context_length_exceeded")
         return value
 
 
@@ -97,11 +109,9 @@ class Choice:
     def __init__(self, loop, teller, prompt_ids, stops, index):
         from batching import Sequence
         self.teller, self.stops, self.index = teller, stops, index
-        # a plain model's story continues its prompt: decode them together so that the first
-        # word keeps its space; an instruct model's story starts after the prompt's BOS
-        self.prefix = [] if teller.instruct else list(prompt_ids)
-        self.prefix_text = teller.tokenizer.decode(self.prefix)
-        self.ids, self.text, self.sent = [], "", 0
+        self.story = StoryText(teller.tokenizer, [] if teller.instruct else prompt_ids)
+        self.prompt_ids, self.ids, self.text, self.sent = prompt_ids, [], "", 0
+        self.prompt_entries, self.entries = None, []  # log probabilities, where asked for
         self.finish_reason = None
         self.events = asyncio.Queue()
         self.seq = Sequence(prompt_ids, 0, lambda kind, value: loop.call_soon_threadsafe(
@@ -112,13 +122,21 @@ class Choice:
         while self.finish_reason is None:
             kind, value = await self.events.get()
             if kind == "error":
-                raise RuntimeError(value)
+                raise EngineFailed(value)
+            if kind == "prompt_logprobs":  # the first token has no context to be scored in
+                self.prompt_entries = [None] + value
+                continue
+            if kind == "logprob":  # the next token's
+                self.entries.append(value)
+                continue
             if kind == "done":
-                self.finish_reason = value
+                self.text += self.story.flush()
+                self._unsent()  # the last text may complete a stop string
+                self.finish_reason = self.finish_reason or value
                 pending = self.text[self.sent:]
             else:
                 self.ids.append(value)
-                self.text = self.teller.tokenizer.decode(self.prefix + self.ids)[len(self.prefix_text):]
+                self.text += self.story.add(value)
                 pending = self._unsent()
             if pending:
                 self.sent += len(pending)
@@ -137,6 +155,19 @@ class Choice:
             pass
         return self.text
 
+    @property
+    def logprobs(self):
+        """OpenAI's logprobs of the story's tokens (after the prompt's, echoed); None unless asked for."""
+        if not self.entries and self.prompt_entries is None:
+            return None
+        echo = self.prompt_entries is not None
+        shown, decode = (self.prompt_ids if echo else []) + self.ids, self.teller.tokenizer.decode
+        # offsets in the answer's text: a plain story's is decoded after its prompt (where its first space goes)
+        before = [] if echo or self.teller.instruct else self.prompt_ids
+        offsets = [len(decode(before + shown[:i])) - len(decode(before)) for i in range(len(shown))]
+        return completion_logprobs(shown, (self.prompt_entries or []) + self.entries,
+                                   lambda token: token_piece(self.teller.tokenizer, token), offsets)
+
 
 class Generation:
     """One request's stories in flight: its prompts tokenized, its budget checked against the
@@ -147,6 +178,10 @@ class Generation:
         self.request = request
         self.prompts = [teller.encode(text, request.prompt_param) for text in request.prompts]
         max_tokens = teller.budget(request, self.prompts)
+        stories = len(self.prompts) * request.n
+        if stories > teller.engine.max_queue:  # it could never be queued: not "busy", a request too big
+            raise BadRequest("n", f"{stories} stories in one request; this server queues at most "
+                                  f"{teller.engine.max_queue} (--max_queue)")
         loop = asyncio.get_running_loop()
         sampling, self.choices = request.sampling, []
         for ids in self.prompts:
@@ -155,6 +190,7 @@ class Generation:
                 choice.seq.max_new_tokens = max_tokens
                 choice.seq.temperature, choice.seq.top_k = sampling.temperature, sampling.top_k
                 choice.seq.top_p = sampling.top_p
+                choice.seq.logprobs, choice.seq.echo = getattr(request, "logprobs", None), getattr(request, "echo", False)
                 # n choices from one seed must still differ
                 choice.seq.seed = None if sampling.seed is None else sampling.seed + len(self.choices)
                 self.choices.append(choice)
@@ -162,7 +198,7 @@ class Generation:
         teller.engine.submit([c.seq for c in self.choices])
 
     def usage(self):
-        return usage([len(p) for p in self.prompts], self.request.n, [len(c.ids) for c in self.choices])
+        return usage([len(p) for p in self.prompts], [len(c.ids) for c in self.choices])
 
     async def collect(self, http_request):
         """Wait for every choice; a client that disconnects meanwhile frees its rows."""
@@ -174,22 +210,20 @@ class Generation:
                     return waiter.result()
                 if await http_request.is_disconnected():
                     return None
-        except RuntimeError as exc:
-            raise BadRequest(None, str(exc), status=500) from None
         finally:
             waiter.cancel()
             for choice in self.choices:
                 choice.seq.cancel()
 
     async def merged(self):
-        """(choice, text) as any choice produces text, until all are done."""
+        """(choice, text) as any choice produces text, and (choice, None) as each ends, until all have."""
         queue = asyncio.Queue()
 
         async def pump(choice):
             try:
                 async for text in choice.chunks():
                     await queue.put((choice, text))
-            except RuntimeError as exc:
+            except EngineFailed as exc:
                 await queue.put((choice, exc))
             await queue.put((choice, None))
 
@@ -200,10 +234,8 @@ class Generation:
                 choice, text = await queue.get()
                 if isinstance(text, Exception):
                     raise text
-                if text is None:
-                    remaining -= 1
-                else:
-                    yield choice, text
+                remaining -= text is None
+                yield choice, text
         finally:
             for task in tasks:
                 task.cancel()
@@ -222,8 +254,8 @@ async def read_body(request):
     return parse_body(data)
 
 
-def error_response(status, message, param=None, kind="invalid_request_error", headers=None):
-    return JSONResponse(error_body(message, param, kind), status_code=status, headers=headers)
+def error_response(status, message, param=None, kind="invalid_request_error", headers=None, code=None):
+    return JSONResponse(error_body(message, param, kind, code), status_code=status, headers=headers)
 
 
 def streaming(events):
@@ -238,18 +270,26 @@ async def answer_openai(http_request, request):
     head = response_head(request, teller.name)
     if not request.stream:
         await generation.collect(http_request)
+        for choice in generation.choices if getattr(request, "echo", False) else []:
+            choice.text = teller.tokenizer.decode(choice.prompt_ids) + choice.text  # the prompt as the model read it
         return whole_body(request, head, generation.choices, generation.usage())
     return streaming(openai_events(generation, {**head, "object": request.chunk_object_name}))
 
 
 async def openai_events(generation, head):
+    """The chunks of a stream: each choice's text as it comes and its finish as it ends; an
+    engine failure mid-stream is an error event, and the stream still ends with [DONE]."""
     request = generation.request
     for opening in request.opening_choices([c.index for c in generation.choices]):
         yield sse(chunk(head, opening))
-    async for choice, text in generation.merged():
-        yield sse(chunk(head, request.text_choice(choice.index, text)))
-    for c in generation.choices:
-        yield sse(chunk(head, request.finish_choice(c.index, c.finish_reason)))
+    try:
+        async for choice, text in generation.merged():
+            yield sse(chunk(head, request.text_choice(choice.index, text) if text is not None
+                            else request.finish_choice(choice.index, choice.finish_reason)))
+    except EngineFailed as exc:
+        yield sse(error_body(str(exc), kind="server_error"))
+        yield STREAM_END
+        return
     if request.include_usage:
         yield sse(usage_chunk(head, generation.usage()))
     yield STREAM_END
@@ -259,8 +299,9 @@ async def story_events(generation):
     [choice] = generation.choices
     try:
         async for _, text in generation.merged():
-            yield sse(story_text_event(text))
-    except RuntimeError as exc:  # the engine failed this story; the page shows why
+            if text is not None:
+                yield sse(story_text_event(text))
+    except EngineFailed as exc:  # the engine failed this story; the page shows why
         yield sse(story_error_event(str(exc)))
         return
     yield sse(story_summary(choice.finish_reason, len(choice.ids), time.perf_counter() - generation.began))
@@ -312,17 +353,39 @@ async def stories(request: Request):
     return story_body(story_request.prompts[0], choice.text, summary)
 
 
+async def tokenize(request: Request):
+    """Text to token ids as the model's tokenizer spells them; "<s>" and "</s>" alone are BOS and EOS."""
+    tokenizer = request.app.state.teller.tokenizer
+    text, add_bos = parse_tokenize(await read_body(request))
+    ids = {"<s>": [tokenizer.bos_id], "</s>": [tokenizer.eos_id]}.get(text) or tokenizer.encode(text)
+    return {"tokens": [tokenizer.bos_id] * add_bos + ids}
+
+
+async def detokenize(request: Request):
+    teller = request.app.state.teller
+    return {"prompt": teller.tokenizer.decode(parse_detokenize(await read_body(request), teller.limits))}
+
+
+async def tokenizer_info(request: Request):
+    return {"bos_token": "<s>", "eos_token": "</s>", "pad_token": None,
+            "model_max_length": request.app.state.teller.context}
+
+
 # ---- errors as OpenAI shapes them --------------------------------------------------------------
 
 async def bad_request(request, exc):
-    return error_response(exc.status, str(exc), exc.param)
+    return error_response(exc.status, str(exc), exc.param, code=exc.code)
 
 
-async def queue_full(request, exc):
-    return error_response(503, f"busy: {exc}; retry shortly", kind="server_busy", headers={"Retry-After": "1"})
+async def engine_failed(request, exc):
+    return error_response(500, str(exc), kind="server_error")
 
 
-async def shutting_down(request, exc):
+async def busy(request, exc):
+    """Every row and queue place taken (retry in a second), or shutting down (in a few)."""
+    from batching import QueueFull
+    if isinstance(exc, QueueFull):
+        return error_response(503, f"busy: {exc}; retry shortly", kind="server_busy", headers={"Retry-After": "1"})
     return error_response(503, str(exc), kind="server_busy", headers={"Retry-After": "5"})
 
 
@@ -336,18 +399,39 @@ async def wrong_method(request, exc):
 
 ROUTES = [("GET", "/", page), ("GET", "/health", health), ("GET", "/v1/models", models),
           ("POST", "/v1/completions", completions), ("POST", "/v1/chat/completions", chat_completions),
-          ("POST", "/v1/stories", stories)]
+          ("POST", "/v1/stories", stories), ("POST", "/tokenize", tokenize), ("POST", "/detokenize", detokenize),
+          ("GET", "/tokenizer_info", tokenizer_info)]
 
 
-def create_app(teller, shutdown_timeout=30.0):
+def key_check(api_key):
+    """Middleware: every route but the page and /health wants `Authorization: Bearer <api_key>`."""
+    import hmac
+    expected = f"Bearer {api_key}".encode()
+
+    async def check(request, call_next):
+        given = request.headers.get("authorization", "").encode()
+        if request.url.path in ("/", "/health") or hmac.compare_digest(given, expected):
+            return await call_next(request)
+        return error_response(401, "missing or wrong API key: send the header Authorization: Bearer <key>",
+                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
+def create_app(teller, shutdown_timeout=30.0, api_key=None, cors_origins=()):
     from batching import QueueFull, ShuttingDown
+    from fastapi.middleware.cors import CORSMiddleware
     app = FastAPI(title="storyteller", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.teller = teller
-    for error, handler in [(BadRequest, bad_request), (QueueFull, queue_full), (ShuttingDown, shutting_down),
-                           (404, not_found), (405, wrong_method)]:
+    for error, handler in [(BadRequest, bad_request), (EngineFailed, engine_failed), (QueueFull, busy),
+                           (ShuttingDown, busy), (404, not_found), (405, wrong_method)]:
         app.add_exception_handler(error, handler)
     for method, path, endpoint in ROUTES:
         app.add_api_route(path, endpoint, methods=[method])
+    if api_key:
+        app.middleware("http")(key_check(api_key))
+    if cors_origins:  # added last, so outermost: a browser's preflight is answered before the key check
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     return app
 
 
@@ -377,14 +461,16 @@ def serve(args):
     check_device(args.device)
     check_address(args.host, args.port)
     model, ckpt, tokenizer = load_for_sampling(args.model_path, args.tokenizer, args.device, "float32", args.quantize)
+    prompt_format = model_prompt_format(ckpt, args.instruct, args.prompt_encoding)
     model.eval()
     engine = BatchEngine(model, (tokenizer.eos_id, tokenizer.bos_id), args.max_batch, args.max_queue,
                          compile=args.compile)
     teller = Storyteller(engine, tokenizer, ckpt, os.path.basename(os.path.normpath(args.model_path)),
-                         created=int(os.path.getmtime(args.model_path)))
-    app = create_app(teller, args.shutdown_timeout)
+                         created=int(os.path.getmtime(args.model_path)), prompt_format=prompt_format)
+    app = create_app(teller, args.shutdown_timeout, args.api_key, [o.strip() for o in args.cors.split(",") if o.strip()])
     engine.start()
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.access_log else "warning",
+                            access_log=args.access_log,
                             timeout_graceful_shutdown=args.shutdown_timeout, lifespan="off")
     server = uvicorn.Server(config)
     kind = "instruct" if teller.instruct else "plain"

@@ -171,3 +171,50 @@ def test_the_engine_thread_serves_submissions_and_stops(make_engine, alone):
         assert seq.generated == alone(tuple(prompt), 15)
     with pytest.raises(ShuttingDown):
         engine.submit([story(PROMPTS[0], 5)])
+
+
+def test_a_scored_prompt_beside_running_rows(make_engine, alone):
+    """echo with max_new_tokens 0 (what an evaluation harness sends): the prompt's log
+    probabilities, then done, and its row is freed at once; the running row's greedy story and
+    its per-token log probabilities are unchanged by it."""
+    import torch
+    engine = make_engine(max_batch=2)
+    running = story(PROMPTS[2], 15, logprobs=2)
+    engine.submit([running])
+    engine.run_step()
+    scored = story(PROMPTS[4], 0, echo=True, logprobs=1)
+    engine.submit([scored])
+    engine.run_step()
+    assert [kind for kind, _ in scored.events] == ["prompt_logprobs", "done"] and engine.rows == [running]
+    [(_, entries)] = scored.events[:1]
+    model = stories260K()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([PROMPTS[4]]), all_logits=True)[0][0], dim=-1)
+    assert [e[0] for e in entries] == pytest.approx([logp[i, t].item() for i, t in enumerate(PROMPTS[4][1:])], abs=1e-4)
+    assert [e[1][0][0] for e in entries] == logp[:-1].argmax(-1).tolist()
+    run_until_idle(engine)
+    assert running.generated == alone(tuple(PROMPTS[2]), 15)
+    kinds = [kind for kind, _ in running.events]
+    assert kinds[:-1] == ["logprob", "token"] * 15 and kinds[-1] == "done"
+    for (_, (logprob, top)), token in zip(running.events[0::2], running.generated):
+        assert top[0] == (token, logprob) and len(top) == 2  # greedy: the likeliest
+
+
+def test_joining_rows_are_prefilled_together_and_attend_over_the_positions_in_use(make_engine, alone, monkeypatch):
+    """Three requests that arrive together: one prefill call for all (not one each, which would
+    stall the running rows three times); every decode step reads only the cache positions the
+    rows can see, rounded up to a power of two, not the whole 512-position context."""
+    engine = make_engine(max_batch=3)
+    calls, prefill = [], engine.decoder.prefill
+    monkeypatch.setattr(engine.decoder, "prefill", lambda tokens, lengths=None: calls.append(tokens.shape) or
+                        prefill(tokens, lengths))
+    seqs = [story(PROMPTS[i], 40) for i in (0, 2, 4)]
+    engine.submit(seqs)
+    engine.run_step()
+    assert calls == [(3, len(PROMPTS[4]))]
+    cache = engine.model.layers[0].attention.kv_cache
+    assert cache.k.shape[2] == 32 and cache.all_k.shape[2] == 512
+    run_until_idle(engine)
+    assert cache.k.shape[2] == 64  # the longest row reached position 7 + 39 = 46
+    for seq, i in zip(seqs, (0, 2, 4)):
+        assert seq.generated == alone(tuple(PROMPTS[i]), 40)

@@ -49,9 +49,9 @@ def test_body_size_is_refused_by_its_declared_length_and_by_what_arrives():
 
 
 COMPLETION_RULES = [
-    ({"prompt": 5}, "prompt: expected a string or a non-empty list of strings"),
-    ({"prompt": []}, "prompt: expected a string or a non-empty list of strings"),
-    ({"prompt": ["a", 1]}, "prompt: expected a string or a non-empty list of strings"),
+    ({"prompt": 5}, "prompt: expected a string, a non-empty list of strings, or lists of token ids (0..511)"),
+    ({"prompt": []}, "prompt: expected a string, a non-empty list of strings, or lists of token ids (0..511)"),
+    ({"prompt": ["a", 1]}, "prompt: expected a string, a non-empty list of strings, or lists of token ids (0..511)"),
     ({"prompt": ["a"] * 9}, "prompt: 9 prompts; at most 8"),
     ({"max_tokens": "20"}, 'max_tokens: expected an integer, got "20"'),
     ({"max_tokens": True}, "max_tokens: expected an integer, got true"),
@@ -110,7 +110,8 @@ def test_chat_rules(body, message):
     (INSTRUCT, {**WORDS, "verb": "cl1mb"}, 'verb: expected one English word (letters, up to 30), got "cl1mb"'),
     (INSTRUCT, {**WORDS, "noun": "a ring"}, 'noun: expected one English word (letters, up to 30), got "a ring"'),
     (INSTRUCT, {"verb": "climb", "noun": "ring"}, "adjective: expected one English word (letters, up to 30), got null"),
-    (INSTRUCT, {**WORDS, "features": "dialogue"}, "features: expected a list of feature names"),
+    (INSTRUCT, {**WORDS, "features": 5}, "features: expected a list of feature names or one comma-separated "
+                                         "string of them"),
     (INSTRUCT, {**WORDS, "top_k": 1025}, "top_k: expected 1..1024, got 1025"),
     (INSTRUCT, {**WORDS, "stream": 1}, "stream: expected true or false, got 1"),
     (INSTRUCT, {**WORDS, "n": 2}, "n: one story per request here"),
@@ -118,6 +119,74 @@ def test_chat_rules(body, message):
 def test_story_rules(limits, body, message):
     exc = refusal(parse_story, body, limits)
     assert exc.status == 400 and str(exc) == message and message.startswith(exc.param + ": ")
+
+
+def test_features_as_a_list_or_a_comma_separated_string():
+    expected = [build_prompt("climb", "ring", "messy", ["Dialogue", "Twist"])]
+    assert parse_story({**WORDS, "features": "dialogue, twist"}, INSTRUCT).prompts == expected
+    assert parse_story({**WORDS, "features": ["dialogue", "twist"]}, INSTRUCT).prompts == expected
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "Once \ud800"}, "prompt"),
+    ({"prompt": ["Once", "\udfff upon"]}, "prompt[1]"),
+])
+def test_text_that_is_not_unicode_is_refused_naming_the_field(body, param):
+    exc = refusal(parse_completion, body, PLAIN)
+    assert exc.param == param and "not valid Unicode text" in str(exc)
+    exc = refusal(parse_chat, {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}, PLAIN)
+    assert exc.param == "messages[0].content"
+
+
+@pytest.mark.parametrize("field, value", [("presence_penalty", 0.1), ("frequency_penalty", -2), ("best_of", 2),
+                                          ("logit_bias", {"5": 1}), ("suffix", "end"), ("echo", True),
+                                          ("logprobs", 2), ("logprobs", True), ("top_logprobs", 1),
+                                          ("tools", [{"type": "function"}]), ("response_format", {"type": "json"})])
+def test_unsupported_fields_with_a_value_that_asks_for_something_are_refused(field, value):
+    parsers = [(parse_chat, {"messages": [{"role": "user", "content": "Hi"}]})]
+    if field not in ("echo", "logprobs"):  # completions take those two
+        parsers.append((parse_completion, {}))
+    for parse, body in parsers:
+        exc = refusal(parse, {**body, field: value}, PLAIN)
+        assert (exc.param, exc.code, exc.status) == (field, "unsupported_parameter", 400)
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted():
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1, "logit_bias": {}, "suffix": "",
+               "echo": False, "logprobs": None, "top_logprobs": 0, "tools": [], "response_format": {"type": "text"}}
+    assert parse_completion({**neutral, "prompt": "Once"}, PLAIN).prompts == ["Once"]
+    # false is not 0, nor 0 false
+    assert refusal(parse_completion, {"best_of": True}, PLAIN).param == "best_of"
+    assert refusal(parse_completion, {"echo": 0}, PLAIN).param == "echo"
+
+
+def test_completions_take_echo_logprobs_and_token_ids():
+    request = parse_completion({"prompt": [1, 403, 407], "echo": True, "logprobs": 5, "max_tokens": 0}, PLAIN)
+    assert (request.prompts, request.echo, request.logprobs, request.max_tokens) == ([[1, 403, 407]], True, 5, 0)
+    assert parse_completion({"prompt": [[1, 2], "Once"]}, PLAIN).prompts == [[1, 2], "Once"]
+    assert parse_completion({}, PLAIN).logprobs is None and not parse_completion({}, PLAIN).echo
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"max_tokens": 0}, "max_tokens: expected 1..512, got 0"),  # nothing to answer without echo
+    ({"echo": True, "max_tokens": -1}, "max_tokens: expected 0..512, got -1"),
+    ({"logprobs": 6}, "logprobs: expected 0..5, got 6"),
+    ({"logprobs": True}, "logprobs: expected an integer, got true"),
+    ({"echo": 1}, "echo: expected true or false, got 1"),
+    ({"echo": True, "stream": True}, "echo: not with stream: ask for the whole answer"),
+    ({"logprobs": 1, "stream": True}, "logprobs: not with stream: ask for the whole answer"),
+    ({"prompt": [1, 512]}, "prompt: expected a string, a non-empty list of strings, or lists of token ids (0..511)"),
+    ({"prompt": [[1], []]}, "prompt: expected a string, a non-empty list of strings, or lists of token ids (0..511)"),
+])
+def test_echo_and_logprobs_rules(body, message):
+    exc = refusal(parse_completion, body, PLAIN)
+    assert exc.status == 400 and str(exc) == message
+
+
+@pytest.mark.parametrize("temperature, greedy", [(1e-50, True), (5e-324, True), (9e-5, True), (1e-4, False)])
+def test_temperatures_too_small_to_divide_by_are_greedy(temperature, greedy):
+    sampling = parse_completion({"temperature": temperature}, PLAIN).sampling
+    assert (sampling.temperature == 0) == greedy
 
 
 def test_an_unknown_feature_is_refused_with_prompts_own_reason():
@@ -132,8 +201,7 @@ def test_an_empty_completion_body_takes_every_default():
     assert request == CompletionRequest(prompts=[""], prompt_param="prompt", max_tokens=None,
                                         max_tokens_param="max_tokens", sampling=Sampling(1.0, 1.0, None, None),
                                         stops=[], n=1, stream=False, include_usage=False)
-    assert request.default_max_tokens == 16  # OpenAI's default for completions; chat runs to the context
-    assert ChatRequest.default_max_tokens is None and StoryRequest.default_max_tokens is None
+    # no max_tokens: the story runs to its end or the context's (serve.Storyteller.budget), not 16 tokens
 
 
 def test_completion_fields_are_read_into_the_request():
@@ -178,13 +246,14 @@ def test_story_words_become_the_template_prompt_sampled_at_the_pages_defaults():
 # ---- shaping answers --------------------------------------------------------------------------------
 
 class Finished:
-    def __init__(self, index, text, finish_reason):
-        self.index, self.text, self.finish_reason = index, text, finish_reason
+    def __init__(self, index, text, finish_reason, logprobs=None):
+        self.index, self.text, self.finish_reason, self.logprobs = index, text, finish_reason, logprobs
 
 
 def test_completion_and_chat_bodies():
-    usage = openai_api.usage([3, 5], 2, [10, 4, 7, 1])
-    assert usage == {"prompt_tokens": 16, "completion_tokens": 22, "total_tokens": 38}
+    # two prompts, two choices each: each prompt counts once
+    usage = openai_api.usage([3, 5], [10, 4, 7, 1])
+    assert usage == {"prompt_tokens": 8, "completion_tokens": 22, "total_tokens": 30}
     choices = [Finished(0, "Once", "length"), Finished(1, "", "stop")]
     request = parse_completion({}, PLAIN)
     head = openai_api.response_head(request, "m")
@@ -202,6 +271,17 @@ def test_completion_and_chat_bodies():
                                 "finish_reason": "length"}]
 
 
+def test_completion_logprobs_shape():
+    entries = [None, (-0.5, [(7, -0.5), (9, -1.5)]), (-2.0, [(3, -0.1), (8, -2.0)])]
+    body = openai_api.completion_logprobs([1, 7, 8], entries, lambda t: {1: "", 7: " Once", 8: " upon"}.get(t, "x"),
+                                          [0, 0, 4])
+    assert body == {"tokens": ["", " Once", " upon"], "token_logprobs": [None, -0.5, -2.0],
+                    "top_logprobs": [None, {" Once": -0.5, "x": -1.5}, {"x": -0.1, " upon": -2.0}],
+                    "text_offset": [0, 0, 4]}
+    request = parse_completion({"logprobs": 2}, PLAIN)
+    assert openai_api.whole_body(request, {}, [Finished(0, "Once", "length", body)], {})["choices"][0]["logprobs"] == body
+
+
 def test_stream_chunks():
     head = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m"}
     assert ChatRequest.opening_choices([0, 1]) == [
@@ -215,7 +295,7 @@ def test_stream_chunks():
     assert CompletionRequest.text_choice(0, "a") == {"index": 0, "text": "a", "logprobs": None, "finish_reason": None}
     assert CompletionRequest.finish_choice(2, "length") == {"index": 2, "text": "", "logprobs": None,
                                                             "finish_reason": "length"}
-    usage = openai_api.usage([1], 1, [2])
+    usage = openai_api.usage([1], [2])
     assert openai_api.usage_chunk(head, usage) == {**head, "choices": [], "usage": usage}
 
 
@@ -229,6 +309,9 @@ def test_server_sent_events_keep_text_as_written():
 def test_error_and_story_bodies():
     assert openai_api.error_body("busy", kind="server_busy") == {
         "error": {"message": "busy", "type": "server_busy", "param": None, "code": None}}
+    assert openai_api.error_body("max_tokens: 600", "max_tokens", code="context_length_exceeded")["error"] == {
+        "message": "max_tokens: 600", "type": "invalid_request_error", "param": "max_tokens",
+        "code": "context_length_exceeded"}
     assert openai_api.error_body("prompt: bad", "prompt")["error"]["type"] == "invalid_request_error"
     summary = openai_api.story_summary("length", 50, 0.12345)
     assert summary == {"done": True, "finish_reason": "length", "tokens": 50, "seconds": 0.123, "tokens_per_s": 405.0}
@@ -249,8 +332,10 @@ def test_text_is_cut_at_a_stop_string_and_held_back_while_one_could_be_forming()
     assert stop("Tom ran Th", 0, [" The", "!"]) == ("Tom ran Th", False, 7)
     assert stop("Tom ran Tim", 0, [" The"]) == ("Tom ran Tim", False, 11)
     assert stop("Tom ran T", 9, [" The"]) == ("Tom ran T", False, 9)  # nothing sent is taken back
-    # today the first stop in the list wins, not the earliest in the text
-    assert stop("a. b!", 0, ["!", "."]) == ("a. b", True, 4)
+    # the earliest in the text wins, whatever its place in the list
+    assert stop("a. b!", 0, ["!", "."]) == ("a", True, 1)
+    # a stop string begun in the text sent (held back since) and completed now is still found
+    assert stop("Tom ran", 5, ["ran", "x"]) == ("Tom ", True, 4)
 
 
 # ---- fuzzed bodies ------------------------------------------------------------------------------------

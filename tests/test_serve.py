@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -24,24 +25,26 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 STORIES260K = os.path.join(TEST_DATA, "stories260K.pt")
 TOK512 = os.path.join(TEST_DATA, "tok512.model")
-
-
+# a story the tokenizer spells partly in byte pieces (the dragon is four of them), each token once
+UNICODE_STORY = "café 🐉 ok."
 
 
 class Server:
-    """serve.py in a subprocess, ready once /health answers."""
+    """serve.py in a subprocess, ready once /health answers. Its stdout (uvicorn's access log) and stderr
+    go to a file, read by .log(): a pipe nobody reads would fill and stall the server."""
 
     def __init__(self, model_path, *flags, start_timeout=90):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "serve.py"), f"--model_path={model_path}",
              f"--port={self.port}", "--device=cpu", *flags],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, env=env, stdout=self.stderr, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.communicate()[1]
+            assert self.process.poll() is None, self.log()
             try:
                 if self.get("/health")[0] == 200:
                     return
@@ -64,6 +67,10 @@ class Server:
             return response.status, payload, dict(response.getheaders())
         finally:
             connection.close()
+
+    def log(self):
+        self.stderr.seek(0)
+        return self.stderr.read()
 
     def get(self, path):
         return self.request("GET", path, timeout=5)
@@ -107,6 +114,39 @@ def slow_model(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("slow") / "ckpt.pt")
     save_checkpoint(path, {"model": state, "model_args": vars(args), "config": {"tokenizer": TOK512}})
     return path
+
+
+def chain_model(path, tokenizer, text):
+    """A hand-built plain model whose greedy story is `text` (after its first token) and then EOS:
+    no attention, and a feed-forward unit per link that turns token i's embedding (a basis
+    vector of its own) into the next token's."""
+    from tokenizer import Tokenizer
+    chain = Tokenizer(tokenizer).encode(text)
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=128)
+    state = {k: torch.zeros_like(v) for k, v in Transformer(args).state_dict().items()}
+    for name in state:
+        if name.endswith("norm.weight"):
+            state[name][:] = 1
+    embedding = state["output.weight"] = state["tok_embeddings.weight"]  # tied
+    links = list(zip(chain, chain[1:] + [2]))  # tok512's EOS is 2
+    for j, token in enumerate(chain + [2]):
+        embedding[token, j] = 1.0
+    for j, (_, following) in enumerate(links):
+        state["layers.0.feed_forward.w1.weight"][j, j] = state["layers.0.feed_forward.w3.weight"][j, j] = 1.0
+        state["layers.0.feed_forward.w2.weight"][:, j] = 10 * embedding[following]
+    save_checkpoint(path, {"model": state, "model_args": vars(args), "config": {"tokenizer": tokenizer}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def unicode_model(tmp_path_factory):
+    return chain_model(str(tmp_path_factory.mktemp("chain") / "ckpt.pt"), TOK512, UNICODE_STORY)
+
+
+@pytest.fixture(scope="module")
+def unicode_server(unicode_model):
+    with Server(unicode_model, "--max_queue=2") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -178,17 +218,100 @@ def test_stop_n_and_unsupported_fields(stories_server):
     client = openai.OpenAI(base_url=stories_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     full = client.completions.create(model="m", prompt="", max_tokens=60, temperature=0).choices[0].text
     assert "." in full
+    # neutral values of fields we do not implement are accepted; others are refused, naming the field
     cut = client.completions.create(model="m", prompt="", max_tokens=60, temperature=0, stop=["."],
-                                    logprobs=None, presence_penalty=0.5, frequency_penalty=0.5, user="me")
+                                    logprobs=None, presence_penalty=0, frequency_penalty=0.0, best_of=1, user="me")
     assert cut.choices[0].text == full[:full.index(".")] and cut.choices[0].finish_reason == "stop"
+    for field, value in [("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"50": 5}),
+                         ("best_of", 3), ("suffix", "The end.")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model="m", prompt="", max_tokens=5, **{field: value})
+        assert refused.value.body["param"] == field and refused.value.body["code"] == "unsupported_parameter"
     streamed = client.completions.create(model="m", prompt="", max_tokens=60, temperature=0, stop=".", stream=True)
     assert "".join(c.choices[0].text for c in streamed) == full[:full.index(".")]
+    # the earliest stop string in the text wins, whatever its place in the list
+    earliest = client.completions.create(model="m", prompt="", max_tokens=60, temperature=0, stop=[".", " "])
+    assert earliest.choices[0].text == full[:full.index(" ")]
+    # a temperature too small to divide logits by is greedy, not garbage
+    tiny = client.completions.create(model="m", prompt="", max_tokens=60, temperature=1e-50)
+    assert tiny.choices[0].text == full
 
     several = client.completions.create(model="m", prompt="Tom", max_tokens=30, temperature=1.0, n=3, seed=5)
     assert sorted(c.index for c in several.choices) == [0, 1, 2]
     assert len({c.text for c in several.choices}) > 1
+    alone = client.completions.create(model="m", prompt="Tom", max_tokens=1, temperature=0)
+    assert several.usage.prompt_tokens == alone.usage.prompt_tokens  # the prompt counts once, not n times
     again = client.completions.create(model="m", prompt="Tom", max_tokens=30, temperature=1.0, n=3, seed=5)
     assert [c.text for c in again.choices] == [c.text for c in several.choices]  # a seed repeats
+
+
+def test_finish_chunks_come_as_each_choice_ends(stories_server):
+    """Two greedy choices that stop at their first "," after different numbers of tokens: the
+    first to end has its finish chunk sent while the other still streams text."""
+    status, raw, _ = stories_server.post("/v1/completions", {"prompt": ["Tom", "Once upon a time"], "stop": ",",
+                                                             "max_tokens": 80, "temperature": 0, "stream": True})
+    assert status == 200
+    events = [choice for event in sse_events(raw) for choice in event["choices"]]
+    finishes = [n for n, e in enumerate(events) if e["finish_reason"]]
+    assert sorted(events[n]["index"] for n in finishes) == [0, 1]
+    first = events[finishes[0]]["index"]
+    assert any(e["text"] and e["index"] != first for e in events[finishes[0]:]), events
+
+
+def test_no_max_tokens_runs_the_story_to_its_end(stories_server):
+    """A completion without max_tokens is a whole story (until EOS or the full context), as
+    generate.py writes one, not OpenAI's 16 tokens."""
+    status, answer, _ = stories_server.post("/v1/completions", {"prompt": "", "temperature": 0})
+    assert status == 200 and answer["choices"][0]["text"].startswith(greedy_story())
+    assert answer["usage"]["completion_tokens"] > 200
+
+
+# ---- text the tokenizer spells in byte pieces ---------------------------------------------------------
+
+def test_streamed_text_keeps_characters_spelled_in_byte_pieces(unicode_server):
+    """The model's greedy story is UNICODE_STORY: streamed, in each endpoint, it arrives whole and
+    equal to the answer not streamed, with no U+FFFD in any chunk."""
+    expected = UNICODE_STORY[1:]  # after the prompt "c"
+    whole = unicode_server.post("/v1/completions", {"prompt": "c", "temperature": 0})[1]
+    assert whole["choices"][0]["text"] == expected, whole
+    status, raw, _ = unicode_server.post("/v1/completions", {"prompt": "c", "temperature": 0, "stream": True})
+    pieces = [c["text"] for e in sse_events(raw) for c in e["choices"]]
+    assert status == 200 and "".join(pieces) == expected and not any("\ufffd" in p for p in pieces), pieces
+    assert len([p for p in pieces if p]) > 5  # it came in pieces
+    status, raw, _ = unicode_server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "c"}],
+                                                                  "temperature": 0, "stream": True})
+    assert "".join(c["delta"].get("content", "") for e in sse_events(raw) for c in e["choices"]) == expected
+    status, raw, _ = unicode_server.post("/v1/stories", {"prompt": "c", "temperature": 0, "stream": True})
+    assert "".join(e.get("text", "") for e in sse_events(raw)) == expected
+
+
+def test_room_for_new_tokens_and_the_queue_bound(unicode_server):
+    """The same room as generate.py (context - prompt + 1), OpenAI's error code past it; a request
+    with more stories than --max_queue is a 400, not a 503 to retry forever; every request logged."""
+    prompt = {"prompt": "c", "temperature": 0}  # 2 tokens of the 128-token context
+    assert unicode_server.post("/v1/completions", {**prompt, "max_tokens": 127})[0] == 200
+    status, answer, _ = unicode_server.post("/v1/completions", {**prompt, "max_tokens": 128})
+    assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer
+    assert answer["error"]["param"] == "max_tokens"
+    status, answer, _ = unicode_server.post("/v1/completions", {**prompt, "n": 3})
+    assert status == 400 and answer["error"]["param"] == "n" and "--max_queue" in answer["error"]["message"]
+    assert unicode_server.post("/v1/completions", {**prompt, "n": 2})[0] == 200
+    log = unicode_server.log()
+    assert '"POST /v1/completions HTTP/1.1" 400' in log and '"POST /v1/completions HTTP/1.1" 200' in log, log
+
+
+def test_instruct_flag_reads_a_file_made_elsewhere_as_an_instruct_model(unicode_model):
+    """--instruct (as generate.py's): the prompt is encoded as an instruct one (text, then BOS);
+    --no-access_log silences the request lines."""
+    from prompts import prompt_ids
+    from tokenizer import Tokenizer
+    with Server(unicode_model, "--instruct", "--no-access_log") as server:
+        health = server.get("/health")[1]
+        answer = server.post("/v1/completions", {"prompt": "café", "max_tokens": 3})[1]
+        log = server.log()
+    assert health["instruct"] is True
+    assert answer["usage"]["prompt_tokens"] == len(prompt_ids(Tokenizer(TOK512), "café", True, "plain"))
+    assert "POST" not in log and "GET /health" not in log, log
 
 
 # ---- batching ------------------------------------------------------------------------------------
@@ -293,6 +416,10 @@ def test_killed_clients_free_their_rows(slow_model):
     ("/v1/completions", {"prompt": "Once", "n": 9}, "n"),
     ("/v1/completions", {"prompt": "Once", "stream": "yes"}, "stream"),
     ("/v1/completions", {"prompt": "Once", "stop": [""]}, "stop"),
+    ("/v1/completions", b'{"prompt": "Once \\ud800"}', "prompt"),  # a lone surrogate: JSON, but not Unicode text
+    ("/v1/completions", b'{"prompt": ["Once", "\\udfff"]}', "prompt[1]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+    ("/v1/stories", b'{"prompt": "\\ud800"}', "prompt"),
     ("/v1/completions", {"prompt": "Once upon a time " * 200}, "prompt"),  # longer than the context
     ("/v1/completions", b'{"prompt": "' + b"a" * 300_000 + b'"}', "body"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
@@ -429,7 +556,7 @@ def test_sigterm_finishes_the_running_story_and_exits_0(slow_model):
         status, answer, _ = story.result()
     assert status == 200 and answer["usage"]["completion_tokens"] == 300
     assert server.process.wait(60) == 0
-    assert "Traceback" not in server.process.stderr.read()
+    assert "Traceback" not in server.log()
 
 
 @pytest.mark.parametrize("flags, mentions", [(["--port=abc"], "--port"), (["--quantize=int4"], "--quantize"),
@@ -452,3 +579,157 @@ def test_missing_model_and_busy_port_are_one_line_exit_2(tmp_path):
         done = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), f"--model_path={tmp_path}/none.pt",
                                f"--port={port}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and str(port) in done.stderr
+
+
+# ---- an engine that fails mid-story ------------------------------------------------------------------
+
+def test_an_engine_failure_mid_story_is_a_server_error(monkeypatch):
+    """The app in-process over a real engine whose decode step raises from its fourth call: a stream
+    gets an error event (type server_error) and still [DONE]; a whole answer is a 500 server_error."""
+    from starlette.testclient import TestClient
+    from batching import BatchEngine
+    from decoding import load_for_sampling
+    from serve import Storyteller, create_app
+    model, ckpt, tokenizer = load_for_sampling(STORIES260K, None, "cpu", "float32")
+    engine = BatchEngine(model.eval(), (tokenizer.eos_id, tokenizer.bos_id), max_batch=2, max_queue=4)
+    calls, decode = [], engine.step_fn
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) % 4 == 0:
+            raise RuntimeError("out of memory")
+        return decode(*args, **kwargs)
+    monkeypatch.setattr(engine, "step_fn", failing)
+    engine.start()
+    try:
+        with TestClient(create_app(Storyteller(engine, tokenizer, ckpt, "m"))) as client:
+            body = {"prompt": "", "max_tokens": 50, "temperature": 0}
+            raw = client.post("/v1/completions", json={**body, "stream": True}).text
+            answer = client.post("/v1/completions", json=body)
+    finally:
+        engine.stop(timeout=10)
+    events = sse_events(raw)
+    assert events[0]["choices"][0]["text"] and events[-1]["error"]["type"] == "server_error", events
+    assert "out of memory" in events[-1]["error"]["message"] and raw.endswith("data: [DONE]\n\n")
+    assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error"
+
+
+def test_page_keeps_an_emoji_and_accents_typed_into_the_prompt(unicode_server, browser):
+    """Typed as a person types them (the emoji as an emoji keyboard or IME enters it: ChromeDriver's
+    keys stop at the BMP). The model's story goes on as UNICODE_STORY: from "café" the dragon is
+    streamed, in byte pieces; from "café 🐉" just " ok."."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.get(unicode_server.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_element(By.ID, "prompt").is_displayed())
+    prompt = browser.find_element(By.ID, "prompt")
+    for typed, emoji in (("café", ""), ("café ", "🐉")):
+        prompt.clear()
+        prompt.send_keys(typed)
+        if emoji:
+            browser.execute_cdp_cmd("Input.insertText", {"text": emoji})
+        write_greedily(browser, wait)
+        assert browser.find_element(By.ID, "story").text == UNICODE_STORY
+
+
+def test_page_does_not_submit_an_empty_form(instruct_server, browser):
+    """The three words are required: an empty form sends nothing (no placeholder words), and says why."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.get(instruct_server.url + "/")
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "verb").is_displayed())
+    requests_before = instruct_server.log().count("POST /v1/stories")
+    browser.find_element(By.ID, "write").click()
+    time.sleep(1)
+    assert browser.execute_script("return document.getElementById('verb').validity.valueMissing")
+    assert browser.find_element(By.ID, "story").text == ""
+    assert instruct_server.log().count("POST /v1/stories") == requests_before
+
+
+# ---- log probabilities, for evaluation harnesses ----------------------------------------------------------
+
+def forward_logprobs(ids):
+    """log p(ids[i] | ids[:i]) for i >= 1, from stories260K's own forward over the whole sequence."""
+    from checkpoints import load_model
+    model, _ = load_model(STORIES260K)
+    with torch.no_grad():
+        logits, _ = model.eval()(torch.tensor([ids]), all_logits=True)
+    logp = torch.log_softmax(logits[0].double(), dim=-1)
+    return [logp[i - 1, ids[i]].item() for i in range(1, len(ids))], logp
+
+
+def test_echo_and_logprobs_are_the_models_own(stories_server):
+    """echo with max_tokens 0 scores the prompt: null for its first token, then each token's log
+    probability and its top alternatives as the model's forward gives them; logprobs on a greedy
+    story: each token is its step's likeliest."""
+    from tokenizer import Tokenizer
+    ids = [1] + Tokenizer(TOK512).encode("Once upon a time, there was a big dog")
+    status, answer, _ = stories_server.post("/v1/completions", {"prompt": ids, "echo": True, "logprobs": 3,
+                                                                "max_tokens": 0})
+    assert status == 200, answer
+    [choice] = answer["choices"]
+    expected, logp = forward_logprobs(ids)
+    assert choice["text"] == "Once upon a time, there was a big dog" and choice["logprobs"]["token_logprobs"][0] is None
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+    tops = choice["logprobs"]["top_logprobs"]
+    assert tops[0] is None and all(len(top) == 3 for top in tops[1:])
+    assert list(tops[1].values()) == pytest.approx(logp[0].topk(3).values.tolist(), abs=1e-4)
+    assert "".join(choice["logprobs"]["tokens"]).strip() == choice["text"]
+    offsets = choice["logprobs"]["text_offset"]
+    assert [choice["text"][o:o + 5] for o in offsets[1:4]] == ["Once ", " upon", " a ti"]
+
+    greedy = stories_server.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0,
+                                                     "logprobs": 2})[1]["choices"][0]
+    story = greedy["logprobs"]
+    assert len(story["tokens"]) == 12 and "".join(story["tokens"]) == greedy["text"]
+    assert all(lp == max(top.values()) for lp, top in zip(story["token_logprobs"], story["top_logprobs"]))
+    whole = [1] + Tokenizer(TOK512).encode("Once upon a time" + greedy["text"])
+    assert story["token_logprobs"] == pytest.approx(forward_logprobs(whole)[0][-12:], abs=1e-4)
+
+
+def test_lm_evaluation_harness_scores_a_task_through_the_server(stories_server):
+    """lm-evaluation-harness's own local-completions model (with the server's /tokenize) runs a
+    small multiple-choice task of ours (tests/data/lm_eval); every loglikelihood it reports is the
+    model's own forward over the same tokens, to 1e-4."""
+    import lm_eval  # a test dependency: the Makefile's TEST_PACKAGES
+    from lm_eval.tasks import TaskManager
+    from tokenizer import Tokenizer
+    tokenizer = Tokenizer(TOK512)
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["storyteller_cloze"], log_samples=True,
+        model_args={"base_url": stories_server.url + "/v1/completions", "model": "stories260K",
+                    "tokenizer_backend": "remote", "tokenized_requests": True, "max_length": 512, "max_retries": 1},
+        task_manager=TaskManager(include_path=os.path.join(TEST_DATA, "lm_eval")))
+    samples = out["samples"]["storyteller_cloze"]
+    assert len(samples) == 4 and out["results"]["storyteller_cloze"]["acc,none"] == 1.0
+    for sample in samples:
+        for (context, continuation), [(loglikelihood, _)] in zip(sample["arguments"], sample["resps"]):
+            # the harness's own layout: no BOS, the continuation's tokens as the whole text spells them
+            context_ids = tokenizer.encode(context)
+            ids = context_ids + tokenizer.encode(context + continuation)[len(context_ids):]
+            assert loglikelihood == pytest.approx(sum(forward_logprobs(ids)[0][len(context_ids) - 1:]), abs=1e-4)
+
+
+def test_api_key_and_cors(unicode_model):
+    """--api_key: the API wants the Bearer key (401 without it, or with another), as the openai
+    client sends it; the page and /health stay open. --cors: a browser's preflight from the named
+    origin is allowed, with the key check after it."""
+    import openai
+    with Server(unicode_model, "--api_key=s3cret", "--cors=http://localhost:3000") as server:
+        status, answer, headers = server.post("/v1/completions", {"prompt": "c", "max_tokens": 2})
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key" and headers["www-authenticate"] == "Bearer"
+        wrong = server.post("/v1/completions", {"prompt": "c"}, headers={"Authorization": "Bearer s3cre"})
+        assert wrong[0] == 401 and server.get("/health")[0] == 200 and server.get("/")[0] == 200
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0, timeout=30)
+        assert client.completions.create(model="m", prompt="c", temperature=0).choices[0].text == UNICODE_STORY[1:]
+        preflight = server.request("OPTIONS", "/v1/completions", headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight[0] == 200 and preflight[2]["access-control-allow-origin"] == "http://localhost:3000"
+        other = server.request("OPTIONS", "/v1/completions", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other[2]
+        answered = server.post("/v1/completions", {"prompt": "c", "max_tokens": 2},
+                               headers={"Authorization": "Bearer s3cret", "Origin": "http://localhost:3000"})
+        assert answered[0] == 200 and answered[2]["access-control-allow-origin"] == "http://localhost:3000"
