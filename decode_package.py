@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -26,7 +27,7 @@ from torch import nn
 
 from cli import ToolError
 from decoding import COMPILE_OPTIONS, decoder_for, inductor_options
-from package_cache import PackageCache
+from package_cache import PackageCache, process_alive
 from sampling import candidate_count
 
 # packaged with max_autotune, inductor's C++ GEMM templates gave stories260K wrong tokens from the
@@ -35,6 +36,11 @@ from sampling import candidate_count
 CHECK_STEPS = 16
 
 CODE_FILES = ("model.py", "decoding.py", "sampling.py", "quantize.py", "decode_package.py", "package_cache.py")
+
+# generate.py compiles a package in the background, unasked, only for a model this large: at
+# stories15M's size (15M) a 256-token story gains about 1 s a run; stories260K samples eagerly in
+# well under a second, so the minute of compiling would not pay
+PAYS_PARAMS = 1_000_000
 
 # the cache folder's bound (generate.py --package_cache_mb): about 30 stories15M float32 packages
 DEFAULT_CACHE_MB = 2048
@@ -140,6 +146,32 @@ def cached(model, batch, temperature, top_k, top_p, max_mb=DEFAULT_CACHE_MB, str
     return cache.load(package_key(model, batch, temperature, top_k, top_p), PackagedStep)
 
 
+def pays_to_build(model, batch, temperature, top_k, top_p, max_mb=DEFAULT_CACHE_MB) -> bool:
+    """Whether generate.py should compile this package in the background: a model large enough,
+    no build running now (it may be this one), none that failed for this key before."""
+    if sum(p.numel() for p in model.parameters()) < PAYS_PARAMS:
+        return False
+    cache = package_cache(max_mb)
+    key = package_key(model, batch, temperature, top_k, top_p)
+    return not cache.building() and not os.path.exists(cache.failed_marker(key))
+
+
+def build_in_background(model_path, dtype, quantize, batch, temperature, top_k, top_p, max_mb=DEFAULT_CACHE_MB):
+    """Start a process that, once this one has ended (so that it takes no core from this run),
+    compiles the package this model and these settings would load; its id. Its messages go to
+    build.log in the cache folder."""
+    folder = cache_folder()
+    os.makedirs(folder, exist_ok=True)
+    command = [sys.executable, os.path.abspath(__file__), f"--model_path={model_path}", f"--dtype={dtype}",
+               f"--quantize={quantize}", f"--batch={batch}", f"--temperature={temperature}",
+               f"--top_p={top_p}", f"--max_mb={max_mb}", f"--after_pid={os.getpid()}"]
+    command += [f"--top_k={top_k}"] if top_k is not None else []
+    with open(os.path.join(folder, "build.log"), "a") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                   start_new_session=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    return process.pid
+
+
 def load_or_build(model, batch, temperature, top_k, top_p, stream=None, max_mb=DEFAULT_CACHE_MB):
     """The package's runner for this model (as prepared for sampling) and these settings:
     (token, position, noise) -> (batch,) tokens, built first when the cache has none."""
@@ -189,3 +221,33 @@ class PackagedStep:
 
     def __call__(self, token, position, noise):
         return self.run([token, position, noise])[0]
+
+
+def main(argv=None):
+    """The background build that generate.py starts: load the model as generate.py did, wait for
+    that process to end, compile."""
+    import argparse
+    from checkpoints import load_model
+    from cli import torch_dtype
+    from decoding import prepare_for_sampling
+    p = argparse.ArgumentParser(description="compile a decode-step package into the cache (generate.py's helper)")
+    for name, kind in [("model_path", str), ("dtype", str), ("quantize", str), ("batch", int),
+                       ("temperature", float), ("top_k", int), ("top_p", float), ("max_mb", float),
+                       ("after_pid", int)]:
+        p.add_argument(f"--{name}", type=kind)
+    args = p.parse_args(argv)
+    while args.after_pid and process_alive(args.after_pid):
+        time.sleep(0.2)
+    os.nice(10)
+    model, _ = load_model(args.model_path, device="cpu", dtype=torch_dtype(args.dtype))
+    prepare_for_sampling(model, args.quantize)
+    try:
+        load_or_build(model, args.batch, args.temperature, args.top_k, args.top_p, sys.stdout, args.max_mb)
+    except ToolError as exc:
+        print(f"error: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
