@@ -163,6 +163,16 @@ def test_the_same_seed_samples_the_same_story_with_and_without_the_package(share
     assert eager.returncode == compiled.returncode == 0, compiled.stderr
     assert "compiled)" in compiled.stderr and "compiled" not in eager.stderr
     assert compiled.stdout == eager.stdout and other_seed.stdout != eager.stdout
+    # evaluate.py, --compile unset, finds that package (batch 1, these settings) and samples through it
+    loaded = []
+    cached = decode_package.cached
+    monkeypatch.setattr(decode_package, "cached", lambda *a, **k: loaded.append(cached(*a, **k)) or loaded[-1])
+    model, tokenizer = stories260K(shared_data), Tokenizer(os.path.join(shared_data, "tok512.model"))
+    requests = [Request("run", "dog", "big"), Request("sing", "cat", "happy", ["dialogue"])]
+    fmt = prompt_format(False)
+    packaged = run_requests(model, tokenizer, requests, fmt, 40, 0.8, 10, 1.0, 3, compile=None, batch_size=1)
+    assert len(loaded) == 1 and loaded[0] is not None
+    assert packaged == run_requests(model, tokenizer, requests, fmt, 40, 0.8, 10, 1.0, 3, compile=False, batch_size=1)
 
 
 def test_a_package_is_kept_per_cpu_instruction_sets(monkeypatch):
