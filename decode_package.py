@@ -4,17 +4,20 @@ torch.compile repeats most of its work in every new process: with the weights fo
 graph (decoding.COMPILE_OPTIONS) inductor's cache cannot even hold the result, so a second run of
 a float32 model compiled again for about 20 s (docs/benchmarks.md). A package is compiled once,
 kept in a cache folder under a digest of everything that went into it (the weights as prepared
-for sampling, batch size, the sampling settings, torch, this code and the CPU), and loads in
-about 0.1 s.
+for sampling, the model's settings, batch size, the sampling settings, torch, this code and the
+CPU), and loads in about 0.1 s. package_cache.py keeps that folder whole through kills, races
+and broken files, and within its size bound.
 
 The package is the step and the sampler with the weights and the KV cache inside it:
 (token, position, noise) -> next token, for a fixed batch size. A prompt goes through it one
 token at a time, so it needs nothing from the model in Python once loaded.
 """
+import dataclasses
 import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -24,6 +27,7 @@ from torch import nn
 
 from cli import ToolError
 from decoding import COMPILE_OPTIONS, decoder_for, inductor_options
+from package_cache import PackageCache, process_alive
 from sampling import candidate_count
 
 # packaged with max_autotune, inductor's C++ GEMM templates gave stories260K wrong tokens from the
@@ -31,7 +35,15 @@ from sampling import candidate_count
 # against the eager step when built, and rebuilt without max_autotune if it disagrees
 CHECK_STEPS = 16
 
-CODE_FILES = ("model.py", "decoding.py", "sampling.py", "quantize.py", "decode_package.py")
+CODE_FILES = ("model.py", "decoding.py", "sampling.py", "quantize.py", "decode_package.py", "package_cache.py")
+
+# generate.py compiles a package in the background, unasked, only for a model this large: at
+# stories15M's size (15M) a 256-token story gains about 1 s a run; stories260K samples eagerly in
+# well under a second, so the minute of compiling would not pay
+PAYS_PARAMS = 1_000_000
+
+# the cache folder's bound (generate.py --package_cache_mb): about 30 stories15M float32 packages
+DEFAULT_CACHE_MB = 2048
 
 
 def cache_folder() -> str:
@@ -50,9 +62,9 @@ def cpu_features() -> str:
 
 
 def package_key(model, batch, temperature, top_k, top_p) -> str:
-    """A digest of the weights as prepared for sampling (a LoRA adapter's base, int8 and dtype
-    included), the batch size, the sampling settings, torch, this code and the CPU's instruction
-    sets."""
+    """A digest of everything that changes the package: the weights as prepared for sampling (a
+    LoRA adapter's base, int8 and dtype included), the model's settings (context length, heads),
+    the batch size, the sampling settings, torch, this code and the CPU's instruction sets."""
     digest = hashlib.sha256()
     here = os.path.dirname(os.path.abspath(__file__))
     for name in CODE_FILES:
@@ -61,8 +73,10 @@ def package_key(model, batch, temperature, top_k, top_p) -> str:
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    # the model's settings too: the weights do not say the context length or RoPE's frequencies
     settings = [batch, temperature, top_k, top_p if temperature else None, torch.__version__,
-                sorted(COMPILE_OPTIONS.items()), cpu_features()]
+                sorted(COMPILE_OPTIONS.items()), cpu_features(), dataclasses.asdict(model.args),
+                str(model.tok_embeddings.weight.device)]
     digest.update(json.dumps(settings, default=str).encode())
     return digest.hexdigest()[:24]
 
@@ -88,25 +102,20 @@ def example_inputs(model, batch, temperature, top_k):
     return token, torch.zeros(batch, 1, dtype=torch.long, device=device), noise
 
 
-def build(model, path, batch, temperature, top_k, top_p, options):
+def build(model, tmp, batch, temperature, top_k, top_p, options) -> bool:
+    """Compile the step into the package tmp (its name must end in .pt2, the packager's rule);
+    False when it disagrees with the eager step."""
     model.setup_cache(batch, model.args.max_seq_len)
     decoder_for(model).refresh_classifier()
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export's notes on its own internals, not the user's business
         program = torch.export.export(DecodeStep(model, temperature, top_k, top_p).eval(),
                                       example_inputs(model, batch, temperature, top_k), strict=False)
-        # the packager wants a name ending in .pt2: a temporary one, renamed when complete
-        tmp = os.path.join(os.path.dirname(path), f".{os.getpid()}.{os.path.basename(path)}")
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=dict(options))
-            if not agrees_with_eager(PackagedStep(tmp), model, batch, temperature, top_k, top_p):
-                return False
-            os.replace(tmp, path)
+            return agrees_with_eager(PackagedStep(tmp), model, batch, temperature, top_k, top_p)
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
             model.clear_cache()
-    return True
 
 
 @torch.inference_mode()
@@ -126,26 +135,68 @@ def agrees_with_eager(runner, model, batch, temperature, top_k, top_p) -> bool:
     return True
 
 
-def load_or_build(model, batch, temperature, top_k, top_p, stream=None):
-    """The package's runner for this model (as prepared for sampling) and these settings:
-    (token, position, noise) -> (batch,) tokens."""
-    stream = stream or sys.stderr
+def package_cache(max_mb=DEFAULT_CACHE_MB, stream=None) -> PackageCache:
+    return PackageCache(cache_folder(), None if max_mb is None else int(max_mb * 2**20), ".pt2", stream)
+
+
+def cached(model, batch, temperature, top_k, top_p, max_mb=DEFAULT_CACHE_MB, stream=None):
+    """The package's runner if one is in the cache for this model and these settings, else None:
+    never a build."""
+    cache = package_cache(max_mb, stream)
+    return cache.load(package_key(model, batch, temperature, top_k, top_p), PackagedStep)
+
+
+def pays_to_build(model, batch, temperature, top_k, top_p, max_mb=DEFAULT_CACHE_MB) -> bool:
+    """Whether generate.py should compile this package in the background: a model large enough,
+    no build running now (it may be this one), none that failed for this key before."""
+    if sum(p.numel() for p in model.parameters()) < PAYS_PARAMS:
+        return False
+    cache = package_cache(max_mb)
     key = package_key(model, batch, temperature, top_k, top_p)
-    path = os.path.join(cache_folder(), key + ".pt2")
-    if not os.path.exists(path):
-        os.makedirs(cache_folder(), exist_ok=True)
-        print(f"compiling the decode step into {path}: once for this checkpoint and these settings "
+    return not cache.building() and not os.path.exists(cache.failed_marker(key))
+
+
+def build_in_background(model_path, dtype, quantize, batch, temperature, top_k, top_p, max_mb=DEFAULT_CACHE_MB):
+    """Start a process that, once this one has ended (so that it takes no core from this run),
+    compiles the package this model and these settings would load; its id. Its messages go to
+    build.log in the cache folder."""
+    folder = cache_folder()
+    os.makedirs(folder, exist_ok=True)
+    command = [sys.executable, os.path.abspath(__file__), f"--model_path={model_path}", f"--dtype={dtype}",
+               f"--quantize={quantize}", f"--batch={batch}", f"--temperature={temperature}",
+               f"--top_p={top_p}", f"--max_mb={max_mb}", f"--after_pid={os.getpid()}"]
+    command += [f"--top_k={top_k}"] if top_k is not None else []
+    with open(os.path.join(folder, "build.log"), "a") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                   start_new_session=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    return process.pid
+
+
+def load_or_build(model, batch, temperature, top_k, top_p, stream=None, max_mb=DEFAULT_CACHE_MB):
+    """The package's runner for this model (as prepared for sampling) and these settings:
+    (token, position, noise) -> (batch,) tokens, built first when the cache has none."""
+    stream = stream or sys.stderr
+    cache = package_cache(max_mb, stream)
+    key = package_key(model, batch, temperature, top_k, top_p)
+
+    def builder(tmp):
+        print(f"compiling the decode step into {cache.path(key)}: once for this checkpoint and these settings "
               "(about a minute on 2 cores)", file=stream)
         start = time.perf_counter()
         options = inductor_options(model.tok_embeddings.weight.device)
-        if not build(model, path, batch, temperature, top_k, top_p, options):
+        if not build(model, tmp, batch, temperature, top_k, top_p, options):
             print("note: the package disagreed with the eager step; compiling it again without max_autotune",
                   file=stream)
             options.pop("max_autotune", None)
-            if not build(model, path, batch, temperature, top_k, top_p, options):
-                raise ToolError("the compiled decode step disagrees with the eager one; sample without --compile")
+            if not build(model, tmp, batch, temperature, top_k, top_p, options):
+                return False
         print(f"compiled in {time.perf_counter() - start:.0f} s", file=stream)
-    return PackagedStep(path)
+        return True
+
+    runner = cache.get(key, builder, PackagedStep)
+    if runner is None:
+        raise ToolError("the compiled decode step disagrees with the eager one; sample without --compile")
+    return runner
 
 
 class PackagedStep:
@@ -170,3 +221,33 @@ class PackagedStep:
 
     def __call__(self, token, position, noise):
         return self.run([token, position, noise])[0]
+
+
+def main(argv=None):
+    """The background build that generate.py starts: load the model as generate.py did, wait for
+    that process to end, compile."""
+    import argparse
+    from checkpoints import load_model
+    from cli import torch_dtype
+    from decoding import prepare_for_sampling
+    p = argparse.ArgumentParser(description="compile a decode-step package into the cache (generate.py's helper)")
+    for name, kind in [("model_path", str), ("dtype", str), ("quantize", str), ("batch", int),
+                       ("temperature", float), ("top_k", int), ("top_p", float), ("max_mb", float),
+                       ("after_pid", int)]:
+        p.add_argument(f"--{name}", type=kind)
+    args = p.parse_args(argv)
+    while args.after_pid and process_alive(args.after_pid):
+        time.sleep(0.2)
+    os.nice(10)
+    model, _ = load_model(args.model_path, device="cpu", dtype=torch_dtype(args.dtype))
+    prepare_for_sampling(model, args.quantize)
+    try:
+        load_or_build(model, args.batch, args.temperature, args.top_k, args.top_p, sys.stdout, args.max_mb)
+    except ToolError as exc:
+        print(f"error: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,9 +22,12 @@ from quantize import quantize_int8
 from sampling import exponential_noise, pick_token, sample
 
 # a compiled float32 step ranks vocabularies of at least RANKED_VOCAB tokens in bfloat16, and
-# takes exact logits for RANKED_SPARE more candidates than top_k asks for: a bfloat16 logit is off
-# by about 0.4% of its size, far less than the gap between the best token and the 8th best
-RANKED_VOCAB, RANKED_SPARE = 8192, 8
+# takes exact logits for RANKED_SPARE more candidates than top_k asks for. A bfloat16 score is
+# off from the exact logit by at most RANK_ERROR * |h| * |w| (bfloat16 keeps 8 significant bits:
+# 2^-8 for each rounded factor and 2^-8 for the rounded sum, with room to spare), so a step can
+# tell whether a token left out might have beaten the candidates; where it might (near-ties, as in
+# a freshly initialised model) the step computes every exact logit instead
+RANKED_VOCAB, RANKED_SPARE, RANK_ERROR = 8192, 8, 2.0 ** -6
 
 # inductor settings for the compiled decode step on a CPU, each measured to pay at stories15M's
 # shape (docs/benchmarks.md): the weights become constants of the graph (freezing), matmuls pick
@@ -138,6 +141,7 @@ class Decoder:
         self._model = weakref.ref(model)
         self.classifier: Optional[torch.Tensor] = None  # output.weight as (dim, vocab), float32
         self.ranker: Optional[torch.Tensor] = None  # output.weight in bfloat16, large vocabularies
+        self.ranker_norm: Optional[torch.Tensor] = None  # the largest norm of a row of output.weight
         self._classifier_made_from = (None, None)  # (weight, version) they were copied from
         self._compiled_pick = None
 
@@ -159,6 +163,7 @@ class Decoder:
         self.classifier = weight.t().contiguous() if float32 else None
         # the compiled step ranks a large vocabulary with a bfloat16 copy: half the bytes
         self.ranker = weight.bfloat16() if float32 and weight.shape[0] >= RANKED_VOCAB else None
+        self.ranker_norm = weight.norm(dim=1).max() if self.ranker is not None else None
         self._classifier_made_from = (weight, version)
 
     def next_token_logits(self, model, h, last=None):
@@ -186,13 +191,31 @@ class Decoder:
         Compiled, a float32 model with a large vocabulary reads its classifier in bfloat16 to rank
         the tokens, then computes exact float32 logits for the best RANKED_SPARE (+ top_k) of them,
         which is all that greedy and top-k sampling look at (about 0.3 ms less a token at
-        stories15M's shape; docs/benchmarks.md)."""
+        stories15M's shape; docs/benchmarks.md), unless the ranking's error bound says a token
+        outside them might belong: then it takes every exact logit, as the eager step does."""
         if self.ranker is None or not compiled or (temperature != 0 and top_k is None):
             return pick_token(self.decode_step(model, token, input_pos, compiled), temperature, top_k, top_p, noise)
         h = model.hidden_states(token, input_pos, decode_attention=True)[:, -1, :]
         count = min(RANKED_SPARE + (top_k or 0), model.args.vocab_size)
-        ids = F.linear(h.bfloat16(), self.ranker).topk(count, dim=-1).indices
-        logits = (model.output.weight[ids] @ h[:, :, None]).squeeze(-1)
+        ranked = F.linear(h.bfloat16(), self.ranker).topk(count, dim=-1)
+        ids, logits = candidate_logits(model, h, ranked.indices)
+        # no token outside ids scores above the last candidate's score plus the error bound
+        outside = ranked.values[:, -1].float() + RANK_ERROR * h.norm(dim=-1) * self.ranker_norm
+        needed = logits.topk(min(top_k or 1, count), dim=-1).values[:, -1]
+
+        def ranked_candidates(h, ids, logits):
+            return ids.clone(), logits.clone()  # torch.cond's branches may not return their inputs
+
+        def exact_candidates(h, ids, logits):
+            every = self.next_token_logits(model, h[:, None, :])
+            best = every.topk(count, dim=-1).indices
+            # topk may leave out the first of more than count tied maxima: the argmax goes in
+            # for the last of them
+            first = every.argmax(dim=-1, keepdim=True)
+            last_column = torch.arange(count, device=h.device) == count - 1
+            best = torch.where(last_column & ~(best == first).any(-1, keepdim=True), first, best).sort(dim=-1).values
+            return best, every.gather(-1, best)
+        ids, logits = torch.cond((needed > outside).all(), ranked_candidates, exact_candidates, (h, ids, logits))
         return pick_token(logits, temperature, top_k, top_p, noise, ids)
 
     def compiled_decode_and_pick(self, model, token, input_pos, temperature, top_k, top_p, noise):
@@ -265,23 +288,33 @@ class Decoder:
         return next_tokens
 
     def _packaged_steps(self, prompt, lengths, sampling, package):
-        """Every step through the package, the prompt too, a position at a time."""
+        """Every step through the package, the prompt too, a position at a time. The prompt's
+        positions share one draw of noise, as the eager prefill's one pick does, so that a seed
+        gives the same story either way."""
         batch, width = prompt.shape
         _, input_pos = start_positions(prompt, lengths, compiled=True)
         no_noise = torch.zeros(batch, 1, device=prompt.device)  # greedy: the package's placeholder input
 
-        def run(token, position):
+        def draw():
             noise = sampling.noise(batch, self.model.args.vocab_size, prompt.device)
-            return package(token, position, no_noise if noise is None else noise)
+            return no_noise if noise is None else noise
 
         def next_tokens(step, tokens):
             if step == 0:  # a row's pick after its last prompt token is its first
-                picks = [run(prompt[:, i:i + 1], torch.full_like(input_pos, i)) for i in range(width)]
+                noise = draw()
+                picks = [package(prompt[:, i:i + 1], torch.full_like(input_pos, i), noise) for i in range(width)]
                 return torch.stack(picks, dim=1).gather(1, input_pos - 1).squeeze(1)
-            picked = run(tokens, input_pos)
+            picked = package(tokens, input_pos, draw())
             input_pos.add_(1)
             return picked
         return next_tokens
+
+
+def candidate_logits(model, h, ids):
+    """(ids in id order, their exact logits): in id order, so that exact ties go to the lowest
+    id, as the eager argmax's do."""
+    ids = ids.sort(dim=-1).values
+    return ids, (model.output.weight[ids] @ h[:, :, None]).squeeze(-1)
 
 
 def start_positions(prompt, lengths, compiled):

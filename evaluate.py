@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import decode_package
 from cli import (DTYPE_NAMES, OneLineParser, UsageError, check_device, check_output, default_device, is_json_with,
                  positive_int, report_error, run_main, write_json)
 from data_paths import LLAMA2_VOCAB_SIZE
@@ -307,8 +308,11 @@ def run_requests(model, tokenizer, requests, fmt, max_new_tokens, temperature, t
     batch, so a compiled decode step (compile; None: compile_by_default) serves them all with one
     graph: the last batch is filled up with copies of its last prompt. Each batch's results are
     appended to `results` as it finishes: a Ctrl-C keeps them."""
-    if compile is None:
-        compile = compile_by_default(model, len(requests))
+    package = None
+    if compile is None:  # as generate.py: a package built before (same batch and settings) is used as is
+        if model.tok_embeddings.weight.device.type == "cpu":
+            package = decode_package.cached(model, batch_size, temperature, top_k if temperature else None, top_p)
+        compile = package is not None or compile_by_default(model, len(requests))
     encoded = [(request, prompt_ids(tokenizer, request.prompt, fmt["is_instruct"], fmt["prompt_encoding"]))
                for request in requests]
     encoded.sort(key=lambda pair: len(pair[1]))  # similar lengths together: less padding to prefill
@@ -325,7 +329,7 @@ def run_requests(model, tokenizer, requests, fmt, max_new_tokens, temperature, t
             if compile:
                 prompts += [prompts[-1]] * (batch_size - len(batch))
             tokens = sample_stories(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p,
-                                    seed + number, compile=compile)
+                                    seed + number, compile=compile, package=package)
             for (request, _), story_tokens in zip(batch, tokens):
                 story = tokenizer.decode(story_tokens)
                 results.append({**asdict(request), "story": story, "n_tokens": len(story_tokens),

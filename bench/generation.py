@@ -8,6 +8,7 @@ bfloat16 and int8, at batch 1 and batch 8, side by side in one run.
     python bench/generation.py --profile              # where the eager cached step spends its time
     python bench/generation.py --llama2c=../llama2.c   # with llama2.c's run.c and runq.c beside ours
     python bench/generation.py --levers               # each inductor setting of the compiled step, alone
+    python bench/generation.py --default_flags --llama2c=../llama2.c   # generate.py as a user runs it
 
 Random weights in the published shapes (speed does not depend on what the weights say):
 stories15M (dim 288, 6 layers, 6 heads, hidden 768, vocab 32000, context 256) and stories110M
@@ -25,6 +26,12 @@ random weights, not read from a checkpoint).
 With --llama2c=DIR (a checkout of karpathy/llama2.c; fetch it, never commit it), run.c and runq.c
 are built with -Ofast -fopenmp -march=native and run on the same weights, exported to a version-0
 .bin and a Q8_0 .bin, greedy, 256 tokens, each the best of --repeats; their own "achieved tok/s".
+
+With --default_flags, `generate.py` with no flag but the model's paths, as whole commands (its
+start-up included) for one 256-token story: the first run (no package yet: it samples eagerly
+and starts the package's build in the background), then, once that build is done, --repeats
+second runs, each beside a run of llama2.c's run.c on the same weights (its default top-p
+sampling at generate.py's temperature 0.5; 256 tokens each).
 """
 import argparse
 import os
@@ -36,11 +43,13 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import decode_package  # noqa: E402
 import decoding  # noqa: E402  (its COMPILE_OPTIONS are varied by --levers)
 from decoding import fuse_projections, generate  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from checkpoints import save_checkpoint  # noqa: E402
 from checkpoints.llama2c import write_llama2c_q8, write_llama2c_v0  # noqa: E402
 from quantize import quantize_int8  # noqa: E402
 
@@ -182,6 +191,41 @@ def llama2c_tokens_per_s(llama2c_dir, shape, new_tokens, repeats):
     return result
 
 
+def default_flag_commands(llama2c_dir, shape, repeats):
+    """Seconds of whole generate.py commands with default flags (first, then second runs) and of
+    run.c's beside each second run."""
+    model = make_model(shape, torch.device("cpu"), torch.float32, fuse=False)
+    state = {k: v for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, weights, binary = (os.path.join(tmp, name) for name in ("model.pt", "model.bin", "run"))
+        save_checkpoint(checkpoint, {"model": state, "model_args": vars(model.args), "config": {}})
+        write_llama2c_v0(weights, model.args, state)
+        subprocess.run(["gcc", "-Ofast", "-fopenmp", "-march=native", os.path.join(llama2c_dir, "run.c"),
+                        "-lm", "-o", binary], check=True)
+        env = dict(os.environ, XDG_CACHE_HOME=os.path.join(tmp, "cache"))
+        ours = [sys.executable, os.path.join(ROOT, "generate.py"), f"--model_path={checkpoint}",
+                f"--tokenizer={os.path.join(llama2c_dir, 'tokenizer.model')}"]
+        theirs = [binary, weights, "-t", "0.5", "-n", "256", "-z", os.path.join(llama2c_dir, "tokenizer.bin")]
+
+        def seconds(command):
+            start = time.perf_counter()
+            subprocess.run(command, env=env, capture_output=True, check=True)
+            return time.perf_counter() - start
+        first = seconds(ours)
+        folder = os.path.join(tmp, "cache", "tinystories_instruct", "decode")
+        deadline = time.time() + 900
+        while not any(name.endswith(".pt2") and not name.startswith(".") for name in os.listdir(folder)):
+            if time.time() > deadline:
+                raise SystemExit("the background build did not finish in 15 minutes")
+            time.sleep(1)
+        pairs = [(seconds(ours), seconds(theirs)) for _ in range(repeats)]
+    print(f"\ngenerate.py with default flags, one 256-token story, whole command, stories{shape} shape: "
+          f"first run {first:.2f} s (eager, starts the background build)")
+    print("| second run | generate.py | run.c | ratio |\n|---|---|---|---|")
+    for i, (a, b) in enumerate(pairs):
+        print(f"| {i + 1} | {a:.2f} s | {b:.2f} s | {a / b:.2f}x |")
+
+
 def profile_decode(model, device, new_tokens):
     """Operator-level profile of one eager cached batch-1 generation."""
     from torch.profiler import ProfilerActivity, profile
@@ -208,6 +252,8 @@ def main(argv=None):
     p.add_argument("--llama2c", help="a llama2.c checkout: build and time its run.c and runq.c beside ours")
     p.add_argument("--profile", action="store_true", help="also profile one eager cached batch-1 run")
     p.add_argument("--levers", action="store_true", help="only the table of inductor settings (decoding.COMPILE_OPTIONS)")
+    p.add_argument("--default_flags", action="store_true",
+                   help="only generate.py's whole commands with default flags, first and second run (needs --llama2c)")
     p.add_argument("--_first_token", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -219,6 +265,10 @@ def main(argv=None):
         p.error(f"unknown shape or variant: {', '.join(unknown)}")
     if args._first_token:
         return print_first_token_time(shapes[0], variants[0], device)
+    if args.default_flags:
+        if not args.llama2c:
+            p.error("--default_flags needs --llama2c (its tokenizer and run.c)")
+        return default_flag_commands(args.llama2c, shapes[0], args.repeats)
     if any(VARIANTS[v][1] == "package" for v in variants):  # the packages go to a folder of the bench's own
         packages = tempfile.TemporaryDirectory()
         os.environ["XDG_CACHE_HOME"] = packages.name

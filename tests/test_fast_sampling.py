@@ -78,6 +78,29 @@ def test_compiled_matches_eager_on_a_random_stories15M_shaped_model():
     assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], eager)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compiled_greedy_matches_eager_on_random_weights_with_near_ties(seed):
+    """A freshly initialised model whose classifier rows come in groups of 32 twins with equal
+    bfloat16 copies (each weight within 2^-12 of its group's, under half a bfloat16 step), so the
+    compiled step's bfloat16 ranking of a large vocabulary cannot tell which twin is best. It must
+    see that from its error bound (decoding.RANK_ERROR) and take every exact logit, picking what
+    the eager argmax picks (the twins' float32 logits lie far more than a rounding apart).
+    8192 tokens: the smallest vocabulary that is ranked; one narrow layer, a short compile."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, hidden_dim=96, vocab_size=8192,
+                                  max_seq_len=64)).eval()
+    with torch.no_grad():
+        groups = (0.1 * torch.randn(8192 // 32, 64)).bfloat16().float().repeat_interleave(32, dim=0)
+        twins = groups * (1 + 2.0 ** -12 * (2 * torch.rand(8192, 64) - 1))
+        assert torch.equal(twins.bfloat16().float(), groups)
+        model.output.weight.copy_(twins)
+    fuse_projections(model)
+    prompts = torch.randint(3, 8192, (2, 3), generator=torch.Generator().manual_seed(seed))
+    torch._dynamo.reset()
+    assert torch.equal(greedy(model, 12, prompts, compile=True), greedy(model, 12, prompts))
+    assert decoder_for(model).ranker is not None
+
+
 def test_evaluate_samples_every_prompt_length_through_one_compiled_graph(shared_data):
     """Seven prompts of six token lengths , four to a batch (the second batch filled up with
     copies): one graph, and each greedy story, compiled or eager, is the one its prompt gets alone."""
@@ -125,6 +148,31 @@ def test_generate_compile_builds_a_checked_package_once_and_a_second_run_loads_i
                            text=True, env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path)))
     assert fresh.returncode == 0 and fresh.stdout == eager.stdout, fresh.stderr
     assert "compiling" not in fresh.stderr
+
+
+def test_the_same_seed_samples_the_same_story_with_and_without_the_package(shared_data, tmp_path,
+                                                                            monkeypatch, capsys):
+    """At temperature 0.8 the draws come from --seed's generator: the package takes them in the
+    eager step's order (one draw for the whole prompt, then one a token)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    args = [f"--model_path={shared_data}/stories260K.pt", "--prompt=Once upon a time", "--temperature=0.8",
+            "--max_new_tokens=60", "--seed=7", "--device=cpu"]
+    eager = run_main(generate.main, capsys, *args, "--no-compile")
+    compiled = run_main(generate.main, capsys, *args, "--compile")
+    other_seed = run_main(generate.main, capsys, *args[:-2], "--seed=8", "--device=cpu", "--no-compile")
+    assert eager.returncode == compiled.returncode == 0, compiled.stderr
+    assert "compiled)" in compiled.stderr and "compiled" not in eager.stderr
+    assert compiled.stdout == eager.stdout and other_seed.stdout != eager.stdout
+    # evaluate.py, --compile unset, finds that package (batch 1, these settings) and samples through it
+    loaded = []
+    cached = decode_package.cached
+    monkeypatch.setattr(decode_package, "cached", lambda *a, **k: loaded.append(cached(*a, **k)) or loaded[-1])
+    model, tokenizer = stories260K(shared_data), Tokenizer(os.path.join(shared_data, "tok512.model"))
+    requests = [Request("run", "dog", "big"), Request("sing", "cat", "happy", ["dialogue"])]
+    fmt = prompt_format(False)
+    packaged = run_requests(model, tokenizer, requests, fmt, 40, 0.8, 10, 1.0, 3, compile=None, batch_size=1)
+    assert len(loaded) == 1 and loaded[0] is not None
+    assert packaged == run_requests(model, tokenizer, requests, fmt, 40, 0.8, 10, 1.0, 3, compile=False, batch_size=1)
 
 
 def test_a_package_is_kept_per_cpu_instruction_sets(monkeypatch):

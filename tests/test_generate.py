@@ -196,3 +196,25 @@ def test_plain_stories260K_prompt_starts_with_bos(shared_data, tok512, record_pr
     assert record_prompts == [[ids, ids]]
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2 and out.count("Lily saw a cat") == 2
+
+
+def test_the_default_length_fills_the_context_without_a_note(tmp_path, tok512, capsys):
+    """No --max_new_tokens: as many tokens as the model's context leaves after the prompt, and no
+    note about capping, which a user asking for nothing in particular has no use for."""
+    model = tiny_checkpoint(tmp_path / "tiny.pt", 512, max_seq_len=24)
+    result = run_main(generate.main, capsys, f"--model_path={model}", f"--tokenizer={tok512}", "--device=cpu",
+                      "--temperature=1.0", "--top_k=500")  # a random model: let it run to the end
+    assert result.returncode == 0, result.stderr
+    assert "note" not in result.stderr, result.stderr
+    # BOS alone is the prompt, so 24 positions leave 24 new tokens unless a stop token came first
+    assert 1 <= int(SUMMARY.search(result.stderr).group(1)) <= 24
+    assert_refused(run_main(generate.main, capsys, f"--model_path={model}", f"--tokenizer={tok512}",
+                            "--max_new_tokens=0"), "--max_new_tokens")
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: 0.5)" in text and "(default: 1337)" in text and "(default: 2048" in text
+    assert "python generate.py --model_path=out/ckpt.pt" in text  # the docstring's lines as written
