@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import openai_api
-from openai_api import (BadRequest, ChatRequest, CompletionRequest, ModelLimits, Sampling, StoryRequest,
+from openai_api import (BadRequest, ChatRequest, CompletionRequest, ModelLimits, Sampling,
                         parse_body, parse_chat, parse_completion, parse_story)
 from prompts import build_prompt
 
