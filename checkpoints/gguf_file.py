@@ -10,7 +10,7 @@ import torch
 from checkpoints.common import Checkpoint, CheckpointError
 from data_paths import vocab_source
 from model import ModelArgs
-from prompts import PROMPT_FORMAT_KEY
+from prompts import PROMPT_FORMAT_KEY, chat_template
 
 
 GGUF_LAYER_NAMES = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
@@ -112,10 +112,14 @@ def write_gguf(path, args, state, tokenizer, name, prompt_format):
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
     writer.add_unk_token_id(sp.unk_id())
-    writer.add_add_bos_token(True)
+    # an instruct model reads its prompt with no BOS in front (prompts.prompt_ids): llama.cpp
+    # must not add one, neither to a raw prompt nor to what the chat template renders
+    writer.add_add_bos_token(not prompt_format["is_instruct"])
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(True)
     writer.add_string(GGUF_PROMPT_FORMAT_KEY, json.dumps(prompt_format))
+    if chat_template(prompt_format):
+        writer.add_chat_template(chat_template(prompt_format))
     for ours, theirs in gguf_key_map(args.n_layers).items():
         writer.add_tensor(theirs, state[ours].detach().float().contiguous().numpy())
     writer.write_header_to_file()
