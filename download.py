@@ -9,7 +9,7 @@ import time
 
 from tqdm import tqdm
 
-from cli import DataError, file_sha256
+from cli import DataError, file_sha256, progress
 
 TRANSIENT_HTTP_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -105,7 +105,7 @@ def download_file(url, dest, sha256=None, retries=6, backoff_s=1.0, timeout_s=60
                     offset, mode = 0, "wb"
                     length = response.headers.get("Content-Length")
                     total = int(length) if length and length.isdigit() else None
-                with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                with open(part, mode) as f, progress(total=total, initial=offset, unit="B", unit_scale=True,
                                                  unit_divisor=1024, desc=os.path.basename(dest)) as bar:
                     for chunk in _iter_body(response):
                         f.write(chunk)

@@ -34,7 +34,7 @@ from typing import List
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from cli import progress as tqdm  # a plain line every 10% when the output is a log file
 
 from cli import (DTYPE_NAMES, OneLineParser, UsageError, check_device, check_output, default_device, is_json_with,
                  positive_int, report_error, run_main, write_json)
