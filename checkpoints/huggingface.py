@@ -241,7 +241,11 @@ def write_hf_folder(folder, args, state, tokenizer, prompt_format):
     shutil.copymode(config_path, weights_path)  # safetensors creates its file private (0600)
     write_json(os.path.join(folder, "generation_config.json"),
                {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}, indent=2)
-    shutil.copyfile(tokenizer.model_path, os.path.join(folder, "tokenizer.model"))
+    if getattr(tokenizer, "model_proto", None):  # a GGUF file's vocabulary: no .model on disk
+        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+            f.write(tokenizer.model_proto)
+    else:
+        shutil.copyfile(tokenizer.model_path, os.path.join(folder, "tokenizer.model"))
     write_json(os.path.join(folder, "tokenizer.json"), hf_tokenizer_json(tokenizer), indent=2)
     sp = tokenizer.sp
     special = {"bos_token": sp.id_to_piece(tokenizer.bos_id), "eos_token": sp.id_to_piece(tokenizer.eos_id),

@@ -185,3 +185,24 @@ def test_a_plain_model_exports_no_chat_template(shared_data, tmp_path):
     assert export.main([f"--checkpoint={shared_data}/stories260K.pt", "--format=gguf", f"--out={out}"]) == 0
     fields = {name: field.contents() for name, field in GGUFReader(out).fields.items()}
     assert "tokenizer.chat_template" not in fields and fields["tokenizer.ggml.add_bos_token"] is True
+
+
+def test_a_gguf_file_samples_with_its_own_vocabulary(instruct_pt, shared_data, tmp_path, capsys, record_prompts):
+    """No --tokenizer and no .model beside it: the GGUF's vocabulary (with tok512's squeezing of
+    spaces, which GGUF has no field for) tokenizes and decodes as tok512.model does."""
+    expected_ids, expected_story = greedy_story(capsys, record_prompts, instruct_pt)
+    out = tmp_path / "alone" / "model.gguf"
+    out.parent.mkdir()
+    assert export.main([f"--checkpoint={instruct_pt}", "--format=gguf", f"--out={out}"]) == 0
+    assert greedy_story(capsys, record_prompts, str(out)) == (expected_ids, expected_story)
+    from checkpoints import load_tokenizer_for
+    ours = load_tokenizer_for(load_checkpoint(str(out)))
+    reference = Tokenizer(os.path.join(shared_data, "tok512.model"))
+    text = open(os.path.join(shared_data, "tinystories_valid_head.txt"), encoding="utf-8").read()[:20000]
+    for sample in (text, "a  b ", " Lily  said\n\n  hello ", "é漢 123", "<s> hi </s>"):
+        assert ours.encode(sample) == reference.encode(sample), sample
+        assert ours.decode(reference.encode(sample)) == reference.decode(reference.encode(sample))
+    assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (reference.bos_id, reference.eos_id, reference.vocab_size)
+    # and on to the other formats, which need the .model file the GGUF does not hold
+    assert export.main([f"--checkpoint={out}", "--format=hf", f"--out={tmp_path / 'hf'}"]) == 0
+    assert Tokenizer(str(tmp_path / "hf" / "tokenizer.model")).encode(text) == reference.encode(text)
