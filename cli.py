@@ -297,8 +297,6 @@ def _log_progress_class():
             kwargs.update(mininterval=0, miniters=1, maxinterval=float("inf"), dynamic_ncols=False)
             if kwargs.get("total") is None and not hasattr(args[0] if args else kwargs.get("iterable"), "__len__"):
                 kwargs["mininterval"] = LOG_PROGRESS_SECONDS
-            kwargs.setdefault("bar_format", "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} "
-                                            "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
             super().__init__(*args, **kwargs)
 
         def _step(self):

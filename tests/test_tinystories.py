@@ -319,5 +319,5 @@ def test_progress_into_a_log_file_is_a_line_every_ten_percent(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr
     bar_lines = [line for line in done.stderr.splitlines() if line.startswith("make_demo:")]
-    assert [re.search(r"(\d+)% (\d+)/40", line).group(1, 2) for line in bar_lines] == \
+    assert [re.search(r"(\d+)%\|.*\| (\d+)/40", line).group(1, 2) for line in bar_lines] == \
         [(str(p), str(p * 40 // 100)) for p in range(0, 101, 10)]
