@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import export  # noqa: E402
 from decoding import load_for_sampling, sample_stories  # noqa: E402
 from evaluate import Request, score_story  # noqa: E402
-from prompts import build_prompt, canonical_feature, prompt_ids  # noqa: E402
+from prompts import build_prompt, canonical_feature, prompt_ids, story_spelled_quotes  # noqa: E402
 
 
 def post(port, path, body):
@@ -89,6 +89,9 @@ def main():
             reply = post(port, "/v1/chat/completions",
                          {"messages": messages, "temperature": 0, "top_k": 1, "max_tokens": max_tokens,
                           "logprobs": True, "top_logprobs": 1})
+            # the raw-completion recipe of docs/usage.md: the layout written by hand
+            raw = post(port, "/completion", {"prompt": story_spelled_quotes(request_text) + "<s>", "temperature": 0,
+                                             "top_k": 1, "n_predict": max_tokens, "return_tokens": True})
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -109,10 +112,15 @@ def main():
     # a story's first piece is "▁Once": llama.cpp keeps its space, sentencepiece's decode drops it
     if theirs != ours or story.removeprefix(" ") != tokenizer.decode(ours):
         failures.append("greedy story")
+    raw_tokens = raw["tokens"][:-1] if raw["tokens"][-1:] == [tokenizer.eos_id] else raw["tokens"]
+    print(f"raw /completion with the hand-written layout: {'the same story' if raw_tokens == ours else 'DIFFERENT'}"
+          f" ({raw['tokens_evaluated']} prompt tokens)")
+    if raw_tokens != ours or raw["tokens_evaluated"] != len(ours_prompt):
+        failures.append("raw completion")
     score = score_story(story, Request(verb, noun, adjective, features))
     print(f"llama.cpp's story: {story}")
     print("scored: " + ", ".join(f"{key} {value}" for key, value in score.items()))
-    print("FAILED: " + ", ".join(failures) if failures else "llama.cpp matches: prompt and greedy story, token for token")
+    print("FAILED: " + ", ".join(failures) if failures else "llama.cpp matches: prompt and greedy story, token for token, chat and raw")
     return 1 if failures else 0
 
 
