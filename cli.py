@@ -265,3 +265,63 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---- progress bars ---------------------------------------------------------------------------
+
+def progress(*args, **kwargs):
+    """A tqdm bar (same arguments) on a terminal. Into a log file (stderr redirected), where each
+    redraw of a bar stays as a line, a plain line at every LOG_PROGRESS_STEP percent instead, or
+    every LOG_PROGRESS_SECONDS when the total is unknown."""
+    from tqdm import tqdm
+
+    stream = kwargs.get("file") or sys.stderr
+    is_terminal = getattr(stream, "isatty", lambda: False)()
+    return tqdm(*args, **kwargs) if is_terminal else _log_progress_class()(*args, **kwargs)
+
+
+LOG_PROGRESS_STEP = 10
+LOG_PROGRESS_SECONDS = 30.0
+_LOG_PROGRESS = []
+
+
+def _log_progress_class():
+    """tqdm subclassed on first use, so that importing cli does not import tqdm."""
+    if _LOG_PROGRESS:
+        return _LOG_PROGRESS[0]
+    from tqdm import tqdm
+
+    class LogProgress(tqdm):
+        def __init__(self, *args, **kwargs):
+            self._shown_step, self._shown_n = None, None
+            kwargs.update(mininterval=0, miniters=1, maxinterval=float("inf"), dynamic_ncols=False)
+            if kwargs.get("total") is None and not hasattr(args[0] if args else kwargs.get("iterable"), "__len__"):
+                kwargs["mininterval"] = LOG_PROGRESS_SECONDS
+            super().__init__(*args, **kwargs)
+
+        def _step(self):
+            if not self.total:
+                return self.n, self._time()  # no total: every refresh (mininterval apart) is a line
+            return min(100, int(100 * self.n / self.total)) // LOG_PROGRESS_STEP
+
+        def display(self, msg=None, pos=None):
+            step = self._step()
+            if step != self._shown_step:
+                self._shown_step, self._shown_n = step, self.n
+                self.fp.write(self.__str__() + "\n")
+                self.fp.flush()
+            return True
+
+        def clear(self, nolock=False):  # nothing drawn to clear: every line stays
+            pass
+
+        def close(self):
+            if not self.disable:
+                if self.n != self._shown_n:  # the last count, when the last line did not show it
+                    self._shown_step = None
+                    self.display()
+            self.sp = None  # tqdm's close then writes no redraw of its own
+            super().close()
+
+    _LOG_PROGRESS.append(LogProgress)
+    return LogProgress

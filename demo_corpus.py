@@ -10,7 +10,7 @@ import os
 import random
 import re
 
-from tqdm import tqdm
+from cli import progress as tqdm  # a plain line every 10% when the output is a log file
 
 from cli import write_json
 from data_paths import shards_dir

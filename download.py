@@ -9,7 +9,7 @@ import time
 
 from tqdm import tqdm
 
-from cli import DataError, file_sha256
+from cli import DataError, file_sha256, progress
 
 TRANSIENT_HTTP_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -37,6 +37,20 @@ def _short_reason(exc):
         if match:
             return match.group(0).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _unresolved_host(exc):
+    """The host name a connection failed to resolve, or None for any other failure. A name that
+    does not resolve means no network or a mistyped host: retrying will not fix it."""
+    import urllib3
+
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    resolution_error = getattr(urllib3.exceptions, "NameResolutionError", ())
+    if isinstance(reason, resolution_error) or re.search(r"Failed to resolve|Name or service not known|"
+                                                          r"name resolution|nodename nor servname", str(exc)):
+        host = re.search(r"host='([^']+)'", str(exc))
+        return host.group(1) if host else "the server"
+    return None
 
 
 def _iter_body(response, chunk_size=1 << 20):
@@ -91,7 +105,7 @@ def download_file(url, dest, sha256=None, retries=6, backoff_s=1.0, timeout_s=60
                     offset, mode = 0, "wb"
                     length = response.headers.get("Content-Length")
                     total = int(length) if length and length.isdigit() else None
-                with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                with open(part, mode) as f, progress(total=total, initial=offset, unit="B", unit_scale=True,
                                                  unit_divisor=1024, desc=os.path.basename(dest)) as bar:
                     for chunk in _iter_body(response):
                         f.write(chunk)
@@ -109,6 +123,10 @@ def download_file(url, dest, sha256=None, retries=6, backoff_s=1.0, timeout_s=60
             raise DataError(f"download: bad URL {url!r} ({exc}); pass --url=http(s)://...") from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                 requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError, _TransientFailure) as exc:
+            host = _unresolved_host(exc) if isinstance(exc, requests.exceptions.ConnectionError) else None
+            if host:
+                raise DataError(f"download of {url}: cannot resolve {host} (no network, or a mistyped host); "
+                                f"connect, or pass {url_hint or '--url'} with a reachable mirror") from None
             grew = os.path.exists(part) and os.path.getsize(part) > offset
             failures = 1 if grew else failures + 1  # a failure after progress starts the count again
             reason = _short_reason(exc)

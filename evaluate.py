@@ -34,7 +34,7 @@ from typing import List
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from cli import progress as tqdm  # a plain line every 10% when the output is a log file
 
 import decode_package
 from cli import (DTYPE_NAMES, OneLineParser, UsageError, check_device, check_output, default_device, is_json_with,
@@ -399,8 +399,11 @@ def evaluate_checkpoint(loaded, args, requests, report_extra, fmt, partial=None)
     partial = [] if partial is None else partial
     model, ckpt, tokenizer = loaded
     report = {"model_path": ckpt.path, "tokenizer": tokenizer.model_path, **report_extra}
-    if args.data:
-        report.update(evaluate_loss(model, tokenizer, args.data, args.batch_size, args.max_tokens))
+    data = args.data or ckpt.training_data  # without --data: the validation shard it was trained beside
+    if data:
+        if not args.data:
+            print(f"loss on {data}, the checkpoint's data (--data for another)", file=sys.stderr)
+        report.update(evaluate_loss(model, tokenizer, data, args.batch_size, args.max_tokens))
     if requests:
         report["prompt_format"] = fmt
         report["sampling"] = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}

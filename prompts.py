@@ -131,6 +131,41 @@ def story_spelled_quotes(text: str) -> str:
     return _QUOTED_WORD.sub(r'" \1"', text)
 
 
+# The same two steps as a chat template, the Jinja text that Hugging Face's apply_chat_template
+# and llama.cpp's chat completion render (exports store it: tokenizer_config.json's chat_template,
+# the GGUF's tokenizer.chat_template), so that other tools lay a chat's user message out as
+# prompt_ids does: the last user message, encoded as its data was, then BOS, which the tool's
+# tokenizer reads as the special token. Nothing comes before it, so the export must not add BOS
+# in front. For story_words the template walks the text's quotes as _QUOTED_WORD's scan does
+# (Jinja has no regular expressions): a quote opens a word when a piece follows that is not
+# empty, does not start with a space and is closed by the next quote; then the word gets its
+# leading space and the closing quote is passed over. tests/test_prompt_format.py checks the
+# rendering against story_spelled_quotes on arbitrary text.
+_LAST_USER_MESSAGE = (
+    "{%- set chat = namespace(prompt='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{%- set chat.prompt = message['content'] -%}{%- endif -%}"
+    "{%- endfor -%}")
+_STORY_SPELLED_LAST_USER_MESSAGE = _LAST_USER_MESSAGE + (
+    "{%- set pieces = chat.prompt.split('\"') -%}"
+    "{%- set quote = namespace(open=false) -%}"
+    "{{- pieces[0] -}}"
+    "{%- for piece in pieces[1:] -%}"
+    "{%- if quote.open -%}{{- '\"' + piece -}}{%- set quote.open = false -%}"
+    "{%- elif piece and piece == piece.lstrip() and not loop.last -%}"
+    "{{- '\" ' + piece -}}{%- set quote.open = true -%}"
+    "{%- else -%}{{- '\"' + piece -}}{%- endif -%}"
+    "{%- endfor -%}")
+CHAT_TEMPLATES = {"story_words": _STORY_SPELLED_LAST_USER_MESSAGE + "{{- bos_token -}}",
+                  "plain": _LAST_USER_MESSAGE + "{{- chat.prompt + bos_token -}}"}
+
+
+def chat_template(record: dict) -> Optional[str]:
+    """The chat template for a prompt format (see CHAT_TEMPLATES); None for a plain model, whose
+    prompt is text to continue."""
+    return CHAT_TEMPLATES[record["prompt_encoding"]] if record["is_instruct"] else None
+
+
 def prompt_ids(tokenizer, text: str, instruct: bool, encoding: str = "story_words") -> List[int]:
     """The tokens a model reads before its story, as in training: an instruct model reads the
     prompt (encoded as its data was, see PROMPT_ENCODINGS), then BOS opens the story; a plain

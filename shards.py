@@ -11,7 +11,7 @@ import resource
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
-from tqdm import tqdm
+from cli import progress as tqdm  # a plain line every 10% when the output is a log file
 
 from cli import DataError, UsageError
 from data_paths import shards_dir, tokenizer_model_path

@@ -23,10 +23,9 @@ import tempfile
 import time
 
 import numpy as np
-from tqdm import tqdm
 
-from cli import (DataError, OneLineParser, ToolError, UsageError, atomic_write, file_sha256, positive_int, report_error,
-                 run_main, vocab_size_arg)
+from cli import (DataError, OneLineParser, ToolError, UsageError, atomic_write, file_sha256, positive_int, progress,
+                 report_error, run_main, vocab_size_arg)
 from data_paths import ARCHIVE_NAME, pretokenized_dir, shards_dir, tokenizer_model_path
 from demo_corpus import make_demo
 from download import download_file, unpack_archive
@@ -157,7 +156,7 @@ def train_vocab(data_dir, vocab_size, num_shards, include_prompts=False):
         text_path = os.path.join(work_dir, "stories.txt")
         n_stories = 0
         with open(text_path, "w", encoding="utf-8") as f:
-            for shard in tqdm(shards, desc="train_vocab: writing text", unit="shard"):
+            for shard in progress(shards, desc="train_vocab: writing text", unit="shard"):
                 for record in iter_json_records(shard):
                     story = record.get("story") if isinstance(record, dict) else None
                     if isinstance(story, str) and story.strip():

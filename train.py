@@ -332,7 +332,7 @@ def train(config, recipe=None) -> dict:
         announce(run, peak, peak_source)
     metrics = MetricsLog(out_dir, resume_from=run.iter_num if resume else None, enabled=procs.master)
 
-    from tqdm import tqdm
+    from cli import progress as tqdm  # a plain line every 10% when the output is a log file
     bar = tqdm(total=cfg["max_iters"], initial=run.iter_num, disable=not procs.master, dynamic_ncols=True, leave=False)
     stop = StopRequest(procs.ddp)
     start_iter, last_loss, t_start = run.iter_num, float("nan"), time.time()

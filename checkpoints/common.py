@@ -1,6 +1,7 @@
 """What every checkpoint format shares: the Checkpoint a reader returns, the one-line
 CheckpointError, the check of every weight's name and shape, and torch.load restricted to
 tensors and plain data (weights_only) after checking the zip file's CRCs."""
+import os
 import pickle
 import re
 import struct
@@ -11,6 +12,7 @@ from typing import Dict, Optional
 import torch
 
 from cli import UsageError
+from data_paths import folder_vocab, instruct_dir, pretokenized_dir
 from model import ModelArgs
 from prompts import PROMPT_FORMAT_KEY, prompt_format, read_prompt_format
 
@@ -40,6 +42,17 @@ class Checkpoint:
             return prompt_format(instruct, self.config.get("prompt_encoding") or "plain")
         except ValueError as exc:
             raise CheckpointError(f"{self.path}: config {exc}") from None
+
+    @property
+    def training_data(self) -> Optional[str]:
+        """The token shard folder the model was trained on (its config's data_dir and dataset),
+        if it is still there: its first shard is the validation shard."""
+        data_dir, vocab = self.config.get("data_dir"), self.model_args.vocab_size
+        if not isinstance(data_dir, str) or self.config.get("dataset") not in ("instruct", "pretrain"):
+            return None
+        folder = instruct_dir if self.config["dataset"] == "instruct" else pretokenized_dir
+        path = folder(data_dir, folder_vocab(vocab, self.config.get("vocab_source")))
+        return path if os.path.isdir(path) else None
 
     @property
     def is_instruct(self) -> bool:

@@ -2,15 +2,18 @@
 package, following llama.cpp's convert_hf_to_gguf.py conventions. The q/k rows stay in Meta's
 layout, as llama.cpp keeps them (ggml's normal RoPE rotates adjacent pairs)."""
 import json
+import os
 import struct
 
 import numpy as np
 import torch
 
 from checkpoints.common import Checkpoint, CheckpointError
-from data_paths import vocab_source
+from checkpoints.huggingface import sentencepiece_collapses_spaces
+from data_paths import tokenizer_file_name, vocab_source
 from model import ModelArgs
-from prompts import PROMPT_FORMAT_KEY
+from prompts import PROMPT_FORMAT_KEY, chat_template
+from tokenizer import Tokenizer
 
 
 GGUF_LAYER_NAMES = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
@@ -19,6 +22,8 @@ GGUF_LAYER_NAMES = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "at
                     "feed_forward.w3": "ffn_up"}
 # the prompt format, as a JSON string under this project's own key (GGUF readers skip unknown keys)
 GGUF_PROMPT_FORMAT_KEY = "tinystories.prompt_format"
+# whether the sentencepiece model squeezes runs of spaces, which GGUF has no field for
+GGUF_SQUEEZE_SPACES_KEY = "tinystories.remove_extra_whitespaces"
 
 
 def gguf_key_map(n_layers):
@@ -33,7 +38,7 @@ def gguf_key_map(n_layers):
 
 def read_gguf(path) -> Checkpoint:
     """A llama GGUF file with float32 or float16 tensors (what export.py writes). Its q/k rows are
-    in Meta's layout already, as llama.cpp keeps them; the tokenizer is looked for as for a .bin."""
+    in Meta's layout already, as llama.cpp keeps them; its vocabulary goes into extra (GGUFTokenizer)."""
     try:
         from gguf import GGUFReader
         reader = GGUFReader(path)
@@ -72,7 +77,80 @@ def read_gguf(path) -> Checkpoint:
             config[PROMPT_FORMAT_KEY] = json.loads(meta[GGUF_PROMPT_FORMAT_KEY])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: {GGUF_PROMPT_FORMAT_KEY} is not JSON ({exc})") from None
-    return Checkpoint(path, "gguf", args, state, config, {})
+    return Checkpoint(path, "gguf", args, state, config, {"gguf_vocabulary": _vocabulary(meta)})
+
+
+def _vocabulary(meta):
+    """The sentencepiece vocabulary a llama GGUF carries, or None when it has none."""
+    if meta.get("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.tokens" not in meta:
+        return None
+    tokens = meta["tokenizer.ggml.tokens"]
+    scores = meta.get("tokenizer.ggml.scores", [0.0] * len(tokens))
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    well_formed = (isinstance(tokens, list) and isinstance(scores, list) and isinstance(types, list)
+                   and len(tokens) == len(scores) == len(types) and all(isinstance(t, str) for t in tokens)
+                   and all(isinstance(x, (int, float)) for x in scores) and all(isinstance(k, int) for k in types)
+                   and all(isinstance(i, int) or i is None for i in (bos, eos)))
+    if not well_formed:
+        return None  # the tokenizer is then looked for as for a .bin
+    return {"tokens": tokens, "scores": scores, "types": types, "bos_id": bos, "eos_id": eos,
+            "add_space_prefix": bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+            "squeeze_spaces": bool(meta.get(GGUF_SQUEEZE_SPACES_KEY, False))}
+
+
+def _varint(value):
+    out = bytearray()
+    value &= (1 << 64) - 1  # protobuf writes a negative int32 as its 64-bit two's complement
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _field(number, wire_type, payload):
+    if wire_type == 2:  # length-delimited: strings and nested messages
+        payload = _varint(len(payload)) + payload
+    return _varint(number << 3 | wire_type) + payload
+
+
+def sentencepiece_model_proto(vocabulary) -> bytes:
+    """A sentencepiece ModelProto (BPE, byte fallback, no normalization rule) holding a GGUF's
+    vocabulary, written field by field (sentencepiece_model.proto's numbers) so that reading it
+    needs no protobuf package. GGUF token types are sentencepiece's piece types."""
+    tokens, types = vocabulary["tokens"], vocabulary["types"]
+    pieces = b"".join(_field(1, 2, _field(1, 2, token.encode("utf-8")) + _field(2, 5, struct.pack("<f", score))
+                                 + _field(3, 0, _varint(kind)))
+                      for token, score, kind in zip(tokens, vocabulary["scores"], types))
+    trainer = _field(3, 0, _varint(2)) + _field(4, 0, _varint(len(tokens))) + _field(35, 0, _varint(1))
+    if 2 in types:  # the unknown piece
+        trainer += _field(40, 0, _varint(types.index(2))) + _field(45, 2, tokens[types.index(2)].encode("utf-8"))
+    for id_field, piece_field, key in ((41, 46, "bos_id"), (42, 47, "eos_id")):  # found by name
+        if vocabulary[key] is not None and 0 <= vocabulary[key] < len(tokens):
+            trainer += _field(id_field, 0, _varint(vocabulary[key])) + \
+                _field(piece_field, 2, tokens[vocabulary[key]].encode("utf-8"))
+    normalizer = _field(1, 2, b"identity") + _field(3, 0, _varint(vocabulary["add_space_prefix"])) + \
+        _field(4, 0, _varint(vocabulary["squeeze_spaces"])) + _field(5, 0, _varint(1))
+    return pieces + _field(2, 2, trainer) + _field(3, 2, normalizer)
+
+
+class GGUFTokenizer(Tokenizer):
+    """The Tokenizer of a GGUF file's own vocabulary. model_path is the name its .model would
+    have beside the file (exports name the tokenizer after it); model_proto is that file's
+    content, which need not exist on disk."""
+
+    def __init__(self, ckpt: Checkpoint):
+        from sentencepiece import SentencePieceProcessor
+
+        self.model_proto = sentencepiece_model_proto(ckpt.extra["gguf_vocabulary"])
+        self.model_path = os.path.join(os.path.dirname(os.path.abspath(ckpt.path)),
+                                       tokenizer_file_name(ckpt.model_args.vocab_size))
+        try:
+            self.sp = SentencePieceProcessor(model_proto=self.model_proto)
+        except Exception as exc:  # sentencepiece raises bare RuntimeError
+            raise CheckpointError(f"{ckpt.path}: its vocabulary is not a usable sentencepiece model ({exc})") from None
+        self.vocab_size, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
 
 
 def gguf_token_type(sp, i) -> int:
@@ -112,10 +190,15 @@ def write_gguf(path, args, state, tokenizer, name, prompt_format):
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
     writer.add_unk_token_id(sp.unk_id())
-    writer.add_add_bos_token(True)
+    # an instruct model reads its prompt with no BOS in front (prompts.prompt_ids): llama.cpp
+    # must not add one, neither to a raw prompt nor to what the chat template renders
+    writer.add_add_bos_token(not prompt_format["is_instruct"])
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(True)
     writer.add_string(GGUF_PROMPT_FORMAT_KEY, json.dumps(prompt_format))
+    writer.add_bool(GGUF_SQUEEZE_SPACES_KEY, sentencepiece_collapses_spaces(sp))
+    if chat_template(prompt_format):
+        writer.add_chat_template(chat_template(prompt_format))
     for ours, theirs in gguf_key_map(args.n_layers).items():
         writer.add_tensor(theirs, state[ours].detach().float().contiguous().numpy())
     writer.write_header_to_file()

@@ -14,7 +14,7 @@ from checkpoints.common import Checkpoint, CheckpointError, torch_load
 from cli import write_json
 from data_paths import LLAMA2_VOCAB_SIZE, vocab_source
 from model import ModelArgs
-from prompts import PROMPT_FORMAT_KEY
+from prompts import PROMPT_FORMAT_KEY, chat_template
 
 # The files that make a Hugging Face Llama model: what write_hf_folder writes, and the torch weights
 # file read_hf_folder also reads. A folder's hash (adapter.checkpoint_sha256) covers these only.
@@ -241,15 +241,24 @@ def write_hf_folder(folder, args, state, tokenizer, prompt_format):
     shutil.copymode(config_path, weights_path)  # safetensors creates its file private (0600)
     write_json(os.path.join(folder, "generation_config.json"),
                {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}, indent=2)
-    shutil.copyfile(tokenizer.model_path, os.path.join(folder, "tokenizer.model"))
+    if getattr(tokenizer, "model_proto", None):  # a GGUF file's vocabulary: no .model on disk
+        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+            f.write(tokenizer.model_proto)
+    else:
+        shutil.copyfile(tokenizer.model_path, os.path.join(folder, "tokenizer.model"))
     write_json(os.path.join(folder, "tokenizer.json"), hf_tokenizer_json(tokenizer), indent=2)
     sp = tokenizer.sp
     special = {"bos_token": sp.id_to_piece(tokenizer.bos_id), "eos_token": sp.id_to_piece(tokenizer.eos_id),
                "unk_token": sp.id_to_piece(sp.unk_id())}
     write_json(os.path.join(folder, "special_tokens_map.json"), special, indent=2)
-    write_json(os.path.join(folder, "tokenizer_config.json"),
-               {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": True,
-                "add_eos_token": False, "model_max_length": args.max_seq_len,
-                # "<s>" typed in text is text, as for sentencepiece; BOS comes from add_bos_token
-                "split_special_tokens": True,
-                "clean_up_tokenization_spaces": False}, indent=2)
+    template = chat_template(prompt_format)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": True,
+              "add_eos_token": False, "model_max_length": args.max_seq_len,
+              # "<s>" typed in text is text, as for sentencepiece; BOS comes from add_bos_token.
+              # Not so for an instruct model: its chat template ends with the text "<s>", which
+              # apply_chat_template must read as BOS
+              "split_special_tokens": not template,
+              "clean_up_tokenization_spaces": False}
+    if template:  # apply_chat_template lays a request out as training did (prompts.CHAT_TEMPLATES)
+        config["chat_template"] = template
+    write_json(os.path.join(folder, "tokenizer_config.json"), config, indent=2)

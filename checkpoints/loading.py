@@ -75,9 +75,23 @@ def find_tokenizer(ckpt: Checkpoint, override: Optional[str] = None) -> Optional
 
 
 def load_tokenizer_for(ckpt: Checkpoint, override: Optional[str] = None) -> Tokenizer:
-    """The checkpoint's tokenizer (find_tokenizer), checked against the model's vocabulary."""
+    """The checkpoint's tokenizer, checked against the model's vocabulary: --tokenizer if given,
+    else a GGUF file's own vocabulary, else the file find_tokenizer finds."""
     vocab = ckpt.model_args.vocab_size
-    path = find_tokenizer(ckpt, override)
+    if override is None and ckpt.extra.get("gguf_vocabulary"):  # a GGUF file carries its own
+        tokenizer = gguf_file.GGUFTokenizer(ckpt)
+        path = ckpt.path
+    else:
+        path = find_tokenizer(ckpt, override)
+        tokenizer = _tokenizer_file(ckpt, path)
+    if tokenizer.vocab_size != vocab:
+        raise CheckpointError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but {ckpt.path} "
+                              f"has a vocabulary of {vocab}; pass the matching --tokenizer")
+    return tokenizer
+
+
+def _tokenizer_file(ckpt, path) -> Tokenizer:
+    vocab = ckpt.model_args.vocab_size
     if path is None:
         raise CheckpointError(f"{ckpt.path}: no tokenizer found for it (looked for "
                               f"{tokenizer_file_name(vocab)} beside it "
@@ -86,7 +100,4 @@ def load_tokenizer_for(ckpt: Checkpoint, override: Optional[str] = None) -> Toke
         tokenizer = Tokenizer(path)
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from None
-    if tokenizer.vocab_size != vocab:
-        raise CheckpointError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but {ckpt.path} "
-                              f"has a vocabulary of {vocab}; pass the matching --tokenizer")
     return tokenizer

@@ -340,3 +340,21 @@ def test_published_model_urls():
         "http://127.0.0.1:1/m/tokenizer.model"
     for name, (files, shape) in tinystories.PUBLISHED_MODELS.items():
         assert files[0][1] == f"{name}.pt" and shape["vocab_size"] in (512, 32000)
+
+
+def test_a_host_that_does_not_resolve_fails_at_once(tmp_path, monkeypatch, capsys):
+    """Offline, name resolution fails; retrying with backoff (63 s over six tries) cannot help."""
+    def offline(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    sleeps = []
+    with pytest.raises(cli.DataError, match="cannot resolve huggingface.example") as refused:
+        download.download_file("https://huggingface.example/model.pt", str(tmp_path / "model.pt"),
+                               sleep=sleeps.append, url_hint="--base_url")
+    assert sleeps == [] and "--base_url" in str(refused.value) and "\n" not in str(refused.value)
+    assert not list(tmp_path.iterdir())
+    # through the command line: one line, exit code 1, nothing left behind
+    rc = tinystories.main(["download_model", "stories260K", f"--data_dir={tmp_path / 'data'}",
+                           "--base_url=https://huggingface.example/models"])
+    assert rc == 1 and "cannot resolve huggingface.example" in error_lines(capsys.readouterr().err)

@@ -91,14 +91,20 @@ def test_stories260K_loss_on_real_text_is_near_its_published_val_loss(shared_dat
     assert result["loss_tokens"] > 25_000
 
 
-def test_instruct_loss_scores_only_the_story(shared_data, tmp_path):
-    """The loss over an instruct shard equals a direct computation that scores BOS, story and EOS."""
+def demo_instruct_data(shared_data, tmp_path):
+    """A 2-shard demo corpus and its instruct examples in tok512 (instruct512/), in tmp_path/data."""
     data = tmp_path / "data"
     subprocess.run([sys.executable, "tinystories.py", "make_demo", f"--data_dir={data}", "--num_shards=2",
                     "--stories_per_shard=20"], cwd=ROOT, check=True, capture_output=True)
     subprocess.run([sys.executable, "prepare_instruct_data.py", f"--data_dir={data}", "--vocab_size=512",
                     f"--tokenizer={os.path.join(shared_data, 'tok512.model')}", "--max_seq_len=400"],
                    cwd=ROOT, check=True, capture_output=True)
+    return data
+
+
+def test_instruct_loss_scores_only_the_story(shared_data, tmp_path):
+    """The loss over an instruct shard equals a direct computation that scores BOS, story and EOS."""
+    data = demo_instruct_data(shared_data, tmp_path)
     model, _ = load_model(os.path.join(shared_data, "stories260K.pt"))
     from tokenizer import Tokenizer
     tokenizer = Tokenizer(os.path.join(shared_data, "tok512.model"))
@@ -217,3 +223,24 @@ def test_compare_asks_every_model_the_same_token_sequences(shared_data, tmp_path
     assert evaluate.main(["--compare", base, tuned, f"--prompts_file={prompts}", "--max_new_tokens=3",
                           f"--tokenizer={shared_data}/tok512.model", "--device=cpu"]) == 0
     assert len(seen) == 2 and seen[0] == seen[1]
+
+
+def test_without_data_the_loss_is_on_the_data_the_checkpoint_trained_beside(shared_data, tmp_path):
+    """The README's evaluate.py line gives no --data: the validation loss comes from the instruct
+    shards the checkpoint's config names, the same number --data gives."""
+    data = demo_instruct_data(shared_data, tmp_path)
+    obj = torch.load(os.path.join(shared_data, "stories260K.pt"), weights_only=True)
+    obj["config"] = {**obj["config"], "dataset": "instruct", "data_dir": str(data), "vocab_size": 512,
+                     "tokenizer": os.path.join(shared_data, "tok512.model")}
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save(obj, checkpoint)
+    reports = []
+    for data_flag in ([], [f"--data={data / 'instruct512'}"]):
+        report = tmp_path / f"eval{len(reports)}.json"
+        done = run_script("evaluate.py", f"--model_path={checkpoint}", "--num_prompts=2", "--max_new_tokens=8",
+                          f"--report={report}", *data_flag)
+        assert done.returncode == 0, done.stderr
+        reports.append(json.loads(report.read_text()))
+        assert ("the checkpoint's data" in done.stderr) == (not data_flag)
+    assert reports[0]["val_loss"] == reports[1]["val_loss"] and reports[0]["loss_tokens"] > 0
+    assert "| validation loss |" in done.stdout

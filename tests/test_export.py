@@ -575,3 +575,14 @@ def test_output_folder_is_created(gqa_checkpoint, tmp_path):
     out = tmp_path / "new" / "sub" / "model.bin"
     assert run_export(f"--checkpoint={gqa_checkpoint}", "--format=llama2c-q8", f"--out={out}") == 0
     assert sorted(os.listdir(out.parent)) == ["model.bin", "model.bin.json", "tiny.bin"]
+
+
+def test_help_fits_one_screen_and_names_every_format(capsys):
+    """--help is for choosing a format and the flags; the file layouts live in docs/formats.md."""
+    with pytest.raises(SystemExit) as exited:
+        export.main(["--help"])
+    text = capsys.readouterr().out
+    assert exited.value.code == 0 and len(text.splitlines()) <= 30
+    for fmt in export.FORMATS:
+        assert f"\n  {fmt} " in text, fmt
+    assert "--force" in text and "default:" in text

@@ -5,12 +5,16 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import evaluate
 import export
 import generate
+import prompts
 from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from decoding import Decoder
+from tokenizer import Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -114,3 +118,91 @@ def test_compare_asks_every_model_the_same_tokens():
         evaluate.evaluation_prompt_format([tuned, PLAIN_TEXT])
     assert evaluate.evaluation_prompt_format([tuned, PLAIN_TEXT], encoding="plain") == \
         PLAIN_TEXT
+
+
+# ---- the chat template: other tools lay a request out as training did -------------------------
+
+def render_chat_template(template, text):
+    """Render a chat template as llama-cpp-python's Jinja2ChatFormatter and transformers do
+    (jinja2, trim_blocks and lstrip_blocks), a system message before the user's."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    messages = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": text}]
+    return env.from_string(template).render(messages=messages, bos_token="<s>", eos_token="</s>",
+                                            add_generation_prompt=True)
+
+
+@given(st.text(alphabet='" \t\nab"é', max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_chat_template_spells_quotes_as_prompt_ids_does(text):
+    """The Jinja walk over the quotes agrees with story_spelled_quotes' regular expression on any
+    text, empty words, unclosed quotes and quotes before spaces included."""
+    assert render_chat_template(prompts.CHAT_TEMPLATES["story_words"], text) == \
+        prompts.story_spelled_quotes(text) + "<s>"
+    assert render_chat_template(prompts.CHAT_TEMPLATES["plain"], text) == text + "<s>"
+
+
+def readme_request():
+    return prompts.build_prompt("climb", "ring", "messy", ["dialogue"])
+
+
+def test_hf_export_apply_chat_template_gives_the_training_ids(instruct_pt, shared_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = str(tmp_path / "hf_model")
+    assert export.main([f"--checkpoint={instruct_pt}", "--format=hf", f"--out={out}"]) == 0
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = hf_tokenizer.apply_chat_template([{"role": "user", "content": readme_request()}],
+                                           add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a BatchEncoding
+    tokenizer = Tokenizer(os.path.join(shared_data, "tok512.model"))
+    assert list(ids) == prompts.prompt_ids(tokenizer, readme_request(), instruct=True)
+
+
+def test_gguf_export_chat_template_gives_the_training_ids(instruct_pt, shared_data, tmp_path):
+    """The GGUF's template rendered as llama.cpp does; its output tokenized as llama.cpp does
+    with special tokens parsed: the text before "<s>" with the space prefix, then BOS, and no
+    BOS in front (tokenizer.ggml.add_bos_token false)."""
+    from gguf import GGUFReader
+
+    out = str(tmp_path / "model.gguf")
+    assert export.main([f"--checkpoint={instruct_pt}", "--format=gguf", f"--out={out}"]) == 0
+    fields = {name: field.contents() for name, field in GGUFReader(out).fields.items()}
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    rendered = render_chat_template(fields["tokenizer.chat_template"], readme_request())
+    text, bos, rest = rendered.partition("<s>")
+    tokenizer = Tokenizer(os.path.join(shared_data, "tok512.model"))
+    assert bos and not rest
+    assert tokenizer.encode(text) + [tokenizer.bos_id] == \
+        prompts.prompt_ids(tokenizer, readme_request(), instruct=True)
+
+
+def test_a_plain_model_exports_no_chat_template(shared_data, tmp_path):
+    from gguf import GGUFReader
+
+    out = str(tmp_path / "model.gguf")
+    assert export.main([f"--checkpoint={shared_data}/stories260K.pt", "--format=gguf", f"--out={out}"]) == 0
+    fields = {name: field.contents() for name, field in GGUFReader(out).fields.items()}
+    assert "tokenizer.chat_template" not in fields and fields["tokenizer.ggml.add_bos_token"] is True
+
+
+def test_a_gguf_file_samples_with_its_own_vocabulary(instruct_pt, shared_data, tmp_path, capsys, record_prompts):
+    """No --tokenizer and no .model beside it: the GGUF's vocabulary (with tok512's squeezing of
+    spaces, which GGUF has no field for) tokenizes and decodes as tok512.model does."""
+    expected_ids, expected_story = greedy_story(capsys, record_prompts, instruct_pt)
+    out = tmp_path / "alone" / "model.gguf"
+    out.parent.mkdir()
+    assert export.main([f"--checkpoint={instruct_pt}", "--format=gguf", f"--out={out}"]) == 0
+    assert greedy_story(capsys, record_prompts, str(out)) == (expected_ids, expected_story)
+    from checkpoints import load_tokenizer_for
+    ours = load_tokenizer_for(load_checkpoint(str(out)))
+    reference = Tokenizer(os.path.join(shared_data, "tok512.model"))
+    text = open(os.path.join(shared_data, "tinystories_valid_head.txt"), encoding="utf-8").read()[:20000]
+    for sample in (text, "a  b ", " Lily  said\n\n  hello ", "é漢 123", "<s> hi </s>"):
+        assert ours.encode(sample) == reference.encode(sample), sample
+        assert ours.decode(reference.encode(sample)) == reference.decode(reference.encode(sample))
+    assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (reference.bos_id, reference.eos_id, reference.vocab_size)
+    # and on to the other formats, which need the .model file the GGUF does not hold
+    assert export.main([f"--checkpoint={out}", "--format=hf", f"--out={tmp_path / 'hf'}"]) == 0
+    assert Tokenizer(str(tmp_path / "hf" / "tokenizer.model")).encode(text) == reference.encode(text)

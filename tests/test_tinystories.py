@@ -309,3 +309,15 @@ def test_script_runs_as_a_command(tmp_path):
                           f"--data_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr  # no tok64.model: bad input
     assert run.stderr.strip().splitlines() == [run.stderr.strip()]
+
+
+def test_progress_into_a_log_file_is_a_line_every_ten_percent(tmp_path):
+    """Redirected to a file, a bar's redraws would stay as hundreds of carriage-return lines: a
+    plain line at every 10% instead (the summary lines still follow)."""
+    done = subprocess.run([sys.executable, "tinystories.py", "make_demo", f"--data_dir={tmp_path}",
+                           "--num_shards=40", "--stories_per_shard=2"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    bar_lines = [line for line in done.stderr.splitlines() if line.startswith("make_demo:")]
+    assert [re.search(r"(\d+)%\|.*\| (\d+)/40", line).group(1, 2) for line in bar_lines] == \
+        [(str(p), str(p * 40 // 100)) for p in range(0, 101, 10)]
