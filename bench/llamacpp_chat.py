@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 import export  # noqa: E402
 from decoding import load_for_sampling, sample_stories  # noqa: E402
-from evaluate import Request, score_story  # noqa: E402
+from story_requests import Request, score_story  # noqa: E402
 from prompts import build_prompt, canonical_feature, prompt_ids, story_spelled_quotes  # noqa: E402
 
 

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 import demo_corpus
 import evaluate
+import story_requests
 from checkpoints import load_model
-from evaluate import Request, score_story
 from helpers import ROOT, formats_section, run_script
+from story_requests import Request, score_story
 
 
 
@@ -55,12 +56,12 @@ def test_summary_rates_from_scored_stories():
 def test_held_out_prompts_avoid_every_training_triple(tmp_path):
     subprocess.run([sys.executable, "tinystories.py", "make_demo", f"--data_dir={tmp_path}", "--num_shards=3",
                     "--stories_per_shard=400"], cwd=ROOT, check=True, capture_output=True)
-    seen = evaluate.seen_word_triples(str(tmp_path))
+    seen = story_requests.seen_word_triples(str(tmp_path))
     with open(tmp_path / "TinyStories_all_data" / "data01.json") as f:
         first_training = json.load(f)[0]["instruction"]["words"]
     assert tuple(first_training) in seen and len(seen) > 700
     # make the generator's job hard: pretend most triples of a small word set were seen
-    requests = evaluate.held_out_requests(200, seed=3, seen=seen)
+    requests = story_requests.held_out_requests(200, seed=3, seen=seen)
     assert len({(r.verb, r.noun, r.adjective) for r in requests}) == 200
     assert not {(r.verb, r.noun, r.adjective) for r in requests} & seen
     assert all(r.verb in demo_corpus.DEMO_VERBS for r in requests)
@@ -72,7 +73,7 @@ def test_prompts_file_errors_name_the_line(tmp_path):
     path.write_text('{"verb": "climb", "noun": "ring", "adjective": "messy", "features": ["dialogue"]}\n'
                     '{"verb": "climb"}\n')
     with pytest.raises(evaluate.UsageError, match="line 2"):
-        evaluate.requests_from_file(str(path))
+        story_requests.requests_from_file(str(path))
 
 
 def test_stories260K_loss_on_real_text_is_near_its_published_val_loss(shared_data):
@@ -196,7 +197,7 @@ def test_a_word_in_both_lists_counts_for_the_role_asked_for():
     shared = sorted(set(demo_corpus.DEMO_NOUNS) & set(demo_corpus.DEMO_VERBS))
     assert shared, "the demo lists share no word: this test has nothing left to check"
     for word in shared:
-        verb_only = demo_corpus.verb_forms(word) - evaluate.noun_forms(word)
+        verb_only = demo_corpus.verb_forms(word) - story_requests.noun_forms(word)
         assert len(verb_only) == 2, (word, verb_only)  # -ed and -ing
         for form in verb_only:
             assert not score_story(f"Tom {form} it.", Request("go", word, "red"))["noun_used"], form

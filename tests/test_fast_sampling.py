@@ -17,7 +17,8 @@ import generate
 from checkpoints import load_model
 from decoding import decoder_for, fuse_projections, generate as decode, prepare_for_sampling
 from model import ModelArgs, Transformer
-from evaluate import Request, run_requests
+from evaluate import run_requests
+from story_requests import Request
 from helpers import ROOT, assert_refused, greedy, greedy_story, run_main
 from prompts import prompt_format
 from quantize import Int8Linear, quantize_int8
