@@ -71,6 +71,16 @@ def vocab_size_arg(text, allow_zero=True):
     return value
 
 
+# a temperature this small already picks the likeliest token unless two logits lie within 1e-3 of
+# each other, and far smaller ones overflow float32 when the logits are divided by them: greedy
+GREEDY_BELOW = 1e-4
+
+
+def greedy_if_tiny(temperature: float) -> float:
+    """The temperature to sample at: 0 (greedy) below GREEDY_BELOW, else the one asked for."""
+    return 0.0 if temperature < GREEDY_BELOW else temperature
+
+
 # ---- dtypes and devices ------------------------------------------------------------------------
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")

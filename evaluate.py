@@ -30,7 +30,7 @@ import torch
 import decode_package
 from cli import progress as tqdm  # a plain line every 10% when the output is a log file
 from cli import (DTYPE_NAMES, OneLineParser, UsageError, check_device, check_output, default_device, is_json_with,
-                 positive_int, report_error, run_main, write_json)
+                 greedy_if_tiny, positive_int, report_error, run_main, write_json)
 from data_paths import LLAMA2_VOCAB_SIZE
 from dataset import InstructRows, check_token_ids, open_token_shard
 from decoding import load_for_sampling, sample_stories
@@ -331,6 +331,7 @@ def main(argv=None):
         if not paths or (args.model_path and args.compare):
             raise UsageError("give --model_path=CHECKPOINT, or --compare A.pt B.pt ... (not both)")
         check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+        args.temperature = greedy_if_tiny(args.temperature)
         if not (args.data or args.prompts_file or args.num_prompts > 0):
             raise UsageError("nothing to do: give --data (loss) and/or --num_prompts / --prompts_file (instructions)")
         check_device(args.device)

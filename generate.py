@@ -19,8 +19,8 @@ import time
 import torch
 
 import decode_package
-from cli import (DTYPE_NAMES, OneLineParser, ToolError, UsageError, check_device, default_device, report_error,
-                 run_main)
+from cli import (DTYPE_NAMES, OneLineParser, ToolError, UsageError, check_device, default_device, greedy_if_tiny,
+                 report_error, run_main)
 from decoding import check_prompt_length, load_for_sampling, sample_stories
 from prompts import PROMPT_ENCODINGS, build_prompt, override_prompt_format, prompt_ids
 
@@ -148,6 +148,7 @@ def main(argv=None):
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p,
                             1 if args.max_new_tokens is None else args.max_new_tokens, args.num_samples)
+        args.temperature = greedy_if_tiny(args.temperature)
         check_fast_path_args(args.compile, args.no_kv_cache)
         check_device(args.device)
         text = prompt_text(args)

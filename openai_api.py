@@ -14,15 +14,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional, Union
 
+from cli import greedy_if_tiny
 from prompts import build_prompt
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_CHOICES = 8  # n times the number of prompts, per request
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions
-# a temperature this small already picks the likeliest token unless two logits lie within 1e-3 of
-# each other, and far smaller ones overflow float32 when the logits are divided by them: greedy
-GREEDY_BELOW = 1e-4
 # OpenAI fields we do not implement, with the values that ask for nothing (accepted as the
 # neutral default); any other value is refused, naming the field, rather than silently ignored
 NEUTRAL_VALUES = {"best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
@@ -219,7 +217,7 @@ def _budget_and_sampling(body, limits, temperature=1.0, top_k=None, fewest_token
     if top_p == 0:  # OpenAI takes 0 too; the nucleus then holds just the likeliest token
         top_p = 1e-9
     temperature = _number(body, "temperature", temperature, 0, 2)
-    sampling = Sampling(temperature=0 if temperature < GREEDY_BELOW else temperature, top_p=top_p,
+    sampling = Sampling(temperature=greedy_if_tiny(temperature), top_p=top_p,
                         top_k=_number(body, "top_k", top_k, 1, limits.vocab_size, integer=True),
                         seed=_number(body, "seed", None, 0, 2**62, integer=True))
     return dict(max_tokens=max_tokens, max_tokens_param=name, sampling=sampling)

@@ -218,3 +218,12 @@ def test_help_shows_the_defaults(capsys):
     text = capsys.readouterr().out
     assert "(default: 0.5)" in text and "(default: 1337)" in text and "(default: 2048" in text
     assert "python generate.py --model_path=out/ckpt.pt" in text  # the docstring's lines as written
+
+
+def test_a_tiny_temperature_samples_greedily(shared_data, capsys):
+    """Dividing logits by 1e-50 overflows float32 and sampled garbage; so small a temperature is greedy."""
+    model = f"--model_path={shared_data}/stories260K.pt"
+    greedy = run_main(generate.main, capsys, model, "--temperature=0", "--max_new_tokens=40", "--device=cpu")
+    tiny = run_main(generate.main, capsys, model, "--temperature=1e-50", "--max_new_tokens=40", "--device=cpu")
+    assert greedy.returncode == tiny.returncode == 0
+    assert tiny.stdout == greedy.stdout and len(greedy.stdout.split()) > 20
