@@ -18,7 +18,8 @@ Every story of the demo corpus passes all three (tests/test_coherence.py checks 
 import re
 from functools import lru_cache
 
-from demo_corpus import ALL_DEMO_TEMPLATES, DEMO_ADJECTIVES, DEMO_FRIENDS, DEMO_HEROES, DEMO_NOUNS, DEMO_VERBS, verb_forms
+from demo_corpus import (ALL_DEMO_TEMPLATES, DEMO_ADJECTIVES, DEMO_FRIENDS, DEMO_HEROES, DEMO_NOUNS, DEMO_PLACES,
+                         DEMO_VERBS, verb_forms)
 
 HERO_NAMES = {name: (kind, pronoun) for name, kind, pronoun in DEMO_HEROES}
 FRIEND_NAMES = set(DEMO_FRIENDS)
@@ -52,7 +53,7 @@ def corpus_words() -> frozenset:
     """Every word the demo corpus can write: its templates' words and every form of its word lists."""
     found = {w.lower() for template in ALL_DEMO_TEMPLATES for w in words(re.sub(r"\{\w+\}", " ", template))}
     found |= {w.lower() for name in list(HERO_NAMES) + list(FRIEND_NAMES) for w in words(name)}
-    found |= set(DEMO_NOUNS) | set(DEMO_ADJECTIVES) | KINDS
+    found |= set(DEMO_NOUNS) | set(DEMO_ADJECTIVES) | set(DEMO_PLACES) | KINDS
     found |= {w + "s" for w in DEMO_NOUNS} | {w + "es" for w in DEMO_NOUNS}
     for verb in DEMO_VERBS:
         found |= verb_forms(verb)

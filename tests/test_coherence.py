@@ -30,6 +30,8 @@ def test_glued_verb_forms_are_not_well_formed():
     assert glued_words("Lily bakeed a cake and was bakeing all day.", ("bake", "cake", "big")) == ["bakeed", "bakeing"]
     assert glued_words("Tom cried and cryed.", ("cry", "box", "red")) == ["cryed"]
     assert glued_words("Tom cried and cried. He baked, bakes and is baking.", ("cry", "bake", "red")) == []
+    # a word of the corpus is a real word, whatever it begins with (kitchen, a place, for kite)
+    assert glued_words("The kite flew into the kitchen.", ("hop", "kite", "red")) == []
     assert not score_coherence("Lily bakeed a big cake.", "bake", "cake", "big")["words_well_formed"]
     assert score_coherence("Lily baked a big cake.", "bake", "cake", "big")["words_well_formed"]
     assert not score_coherence("Lily saw a big cake.", "bake", "cake", "big")["words_well_formed"]  # no form at all
