@@ -120,3 +120,8 @@ def score_coherence(story: str, verb: str, noun: str, adjective: str) -> dict:
             "words_well_formed": bool(story_words & real_forms(verb.lower())) and not glued,
             "glued_words": glued,
             "pronouns_agree": pronouns_agree(story)}
+
+
+def hero_name_ids(tokenizer) -> list:
+    """The token ids of each hero name of the demo corpus, as a story spells it mid-sentence."""
+    return [tuple(tokenizer.encode(name)) for name in HERO_NAMES]

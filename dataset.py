@@ -105,6 +105,7 @@ class InstructRows(ShardedRows):
             raise UsageError(f"{folder}: instruct shards of different widths {sorted(widths)} (prepared apart?)")
         self.seq_len = min(self.tokens[0].shape[1] - 1, max_len)
         self.request_weight, self.finder = 1.0, None
+        self.hero_weight, self.hero_names = 1.0, ()
         super().__init__(folder, [len(t) for t in self.tokens])
 
     def get(self, rows, device):
@@ -120,7 +121,7 @@ class InstructRows(ShardedRows):
         position = np.arange(1, width + 1)  # where each target sits in the row
         y[(position < lengths[:, :1]) | (position >= lengths[:, 1:])] = -1
         x, y = to_device(torch.from_numpy(x), device), to_device(torch.from_numpy(y), device)
-        if self.request_weight == 1.0:
+        if self.request_weight == 1.0 and self.hero_weight == 1.0:
             return x, y
         return x, y, to_device(torch.from_numpy(self.target_weights(batch[:, :width + 1], lengths)), device)
 
@@ -136,12 +137,22 @@ class InstructRows(ShardedRows):
         then returns (x, y, target weights)."""
         self.request_weight, self.finder = float(weight), finder
 
+    def emphasize_hero(self, weight, names):
+        """Weigh each later spelling of a story's hero name (the first of `names`, token sequences,
+        that the story spells) weight times the others: keeping the hero's name is a copy from
+        earlier in the story, as a requested word is a copy from the prompt."""
+        self.hero_weight, self.hero_names = float(weight), tuple(names)
+
     def target_weights(self, rows, lengths):
         weights = np.ones((len(rows), rows.shape[1] - 1), dtype=np.float32)
         for weight_row, row, (prompt_len, total) in zip(weights, rows.tolist(), lengths):
             # the story token at row position p is target column p - 1
             story_weights = weight_row[prompt_len:]
             prompt, story = row[:prompt_len], row[prompt_len + 1:min(total, len(row))]
+            if self.hero_weight != 1.0:
+                self.weigh_hero_repeats(story, story_weights)
+            if self.finder is None:
+                continue
             words_by_first_token = {}
             for word in self.finder.words(prompt):
                 words_by_first_token.setdefault(word[0], []).append(word)
@@ -153,6 +164,15 @@ class InstructRows(ShardedRows):
                     if tuple(story[i:i + len(word)]) == word:
                         story_weights[i:i + len(word)] = self.request_weight
         return weights
+
+    def weigh_hero_repeats(self, story, story_weights):
+        spelled = [(i, name) for i in range(len(story)) for name in self.hero_names
+                   if tuple(story[i:i + len(name)]) == name]
+        if spelled:
+            hero = spelled[0][1]
+            for i, name in spelled[1:]:
+                if name == hero:
+                    story_weights[i:i + len(name)] = self.hero_weight
 
 
 def load_npy(path, mmap_mode=None):

@@ -32,6 +32,7 @@ from distributed import (Processes, check_same_files, end_processes, gradient_sy
                          sum_over_processes, wrap_for_ddp)
 from metrics import MetricsLog, estimate_mfu, peak_flops, plot_losses
 from model import ModelArgs, Transformer
+from coherence import hero_name_ids
 from prompts import RequestFinder
 from run_folder import last_checkpoint, last_good, open_run_folder, remove_previous_run, removed_if_left_empty, save_best
 from stop_request import StopRequest
@@ -61,6 +62,7 @@ DEFAULTS = dict(
     # tokens; quotation marks when it asks for a dialogue) weigh this many times the others in
     # the training loss (not in the reported losses)
     request_weight=1.0,
+    hero_weight=1.0,
     # instruct data: each batch's rows of similar length, so less of it is padding (every example
     # stays equally likely)
     group_by_length=False,
@@ -225,6 +227,10 @@ def open_training_data(cfg, args: ModelArgs):
             raise UsageError(f"request_weight={cfg['request_weight']}: weighs what a prompt requests, so it needs "
                              f"dataset=instruct")
         train_data.emphasize_requests(cfg["request_weight"], RequestFinder(Tokenizer(cfg["tokenizer"])))
+    if cfg["hero_weight"] != 1.0:
+        if cfg["dataset"] != "instruct":
+            raise UsageError(f"hero_weight={cfg['hero_weight']}: weighs a story's repeated hero name, so it needs dataset=instruct")
+        train_data.emphasize_hero(cfg["hero_weight"], hero_name_ids(Tokenizer(cfg["tokenizer"])))
     if cfg["group_by_length"] and cfg["dataset"] != "instruct":
         raise UsageError("group_by_length=True: pretraining windows all have max_seq_len tokens; it needs dataset=instruct")
     cfg["prompt_format"] = data_prompt_format(cfg)

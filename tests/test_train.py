@@ -152,7 +152,21 @@ def test_request_weight_marks_the_story_tokens_that_carry_out_the_prompt(tmp_pat
     assert model(x, y)[1].item() == pytest.approx(losses.mean().item(), rel=1e-5)
 
 
+def test_hero_weight_marks_the_later_spellings_of_the_storys_first_hero_name(tmp_path, shared_data):
+    from coherence import hero_name_ids
+    from prompts import build_prompt
+    story = "There was a girl named Lily. Lily saw Tim. That night, Mia and Lily slept."
+    tok, path = write_story_rows(shared_data, str(tmp_path / "d"), [(build_prompt("climb", "ring", "messy"), story)])
+    rows = dataset.InstructRows(str(tmp_path / "d"), [path], max_len=512)
+    rows.emphasize_hero(3.0, hero_name_ids(tok))
+    x, y, weights = rows.get(np.array([0]), "cpu")
+    assert set(weights.unique().tolist()) == {1.0, 3.0}
+    # Lily's two later spellings; not her first, not Tim or Mia (other names), nothing of the prompt
+    assert tok.decode(y[0][weights[0] > 1].tolist()) == "Lily Lily"
+
+
 @pytest.mark.parametrize("flag, named", [("--request_weight=3", "request_weight=3.0"),
+                                         ("--hero_weight=3", "hero_weight=3.0"),
                                          ("--group_by_length=True", "group_by_length=True")])
 def test_instruct_only_settings_need_instruct_data(flag, named, pretrain_dir, tmp_path, capsys):
     c = tiny_config(pretrain_dir, tmp_path / "out")
