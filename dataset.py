@@ -105,7 +105,7 @@ class InstructRows(ShardedRows):
             raise UsageError(f"{folder}: instruct shards of different widths {sorted(widths)} (prepared apart?)")
         self.seq_len = min(self.tokens[0].shape[1] - 1, max_len)
         self.request_weight, self.finder = 1.0, None
-        self.hero_weight, self.hero_names = 1.0, ()
+        self.hero_weight, self.hero_names = 1.0, {}
         super().__init__(folder, [len(t) for t in self.tokens])
 
     def get(self, rows, device):
@@ -141,7 +141,9 @@ class InstructRows(ShardedRows):
         """Weigh each later spelling of a story's hero name (the first of `names`, token sequences,
         that the story spells) weight times the others: keeping the hero's name is a copy from
         earlier in the story, as a requested word is a copy from the prompt."""
-        self.hero_weight, self.hero_names = float(weight), tuple(names)
+        self.hero_weight, self.hero_names = float(weight), {}
+        for name in names:  # by first token: a story token is checked against the names it can begin
+            self.hero_names.setdefault(name[0], []).append(tuple(name))
 
     def target_weights(self, rows, lengths):
         weights = np.ones((len(rows), rows.shape[1] - 1), dtype=np.float32)
@@ -166,7 +168,7 @@ class InstructRows(ShardedRows):
         return weights
 
     def weigh_hero_repeats(self, story, story_weights):
-        spelled = [(i, name) for i in range(len(story)) for name in self.hero_names
+        spelled = [(i, name) for i, token in enumerate(story) for name in self.hero_names.get(token, ())
                    if tuple(story[i:i + len(name)]) == name]
         if spelled:
             hero = spelled[0][1]
